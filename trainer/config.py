@@ -1,0 +1,297 @@
+"""TrainConfig: the one typed configuration shared by the CLI, the web UI, presets and saved runs.
+
+Resolution order: defaults -> preset overlay -> explicit overrides. ``validate`` returns
+errors keyed by field; ``check`` raises them as one ``ConfigError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, TrainerError
+
+CONFIG_VERSION = 1
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+# Module name suffixes (PEFT ``target_modules`` style, matched against full module paths).
+UNET_CROSS_ATTENTION = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+TEXT_ENCODER_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
+OPTIMIZERS = ("adamw", "adamw8bit")
+ARCHS = ("auto", "sd1", "sd2", "sdxl")
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run, with the default used for 30-50 images."""
+
+    version: int = CONFIG_VERSION
+
+    # --- base model -------------------------------------------------------------------
+    model: str = "builtin"            # "builtin", a diffusers folder, a .safetensors/.ckpt file, or a hub id
+    arch: str = "auto"                # auto-detect, or force sd1 / sd2 / sdxl
+    prediction_type: str = "auto"     # auto-detect (v_prediction for SD2-768), or force
+
+    # --- dataset ----------------------------------------------------------------------
+    data_dir: str = ""                # images + same-stem .txt captions (kohya convention)
+    trigger_word: str = ""            # prepended to every caption; used alone when a caption is missing
+    resolution: int = 512             # square training size in pixels (multiple of 8)
+    center_crop: bool = True          # centre crop after resizing the short side; False = random crop
+    random_flip: bool = False         # horizontal flip augmentation (off: breaks asymmetric subjects)
+    repeats: int = 1                  # each image is seen this many times per epoch
+    caption_dropout: float = 0.0      # probability of training on an empty caption
+
+    # --- output -----------------------------------------------------------------------
+    output_dir: str = "outputs"       # the run folder: adapter, config, samples, checkpoints
+    name: str = "lora"                # file stem of the exported adapter
+    save_every_n_steps: int = 0       # intermediate adapters (0 = only at the end)
+    export_diffusers: bool = False    # also write a diffusers/PEFT-format copy
+
+    # --- network ----------------------------------------------------------------------
+    rank: int = 16                    # LoRA rank r (16-32 typical for characters and styles)
+    alpha: float = 8.0                # scale = alpha / r; rank/2 is the common choice
+    train_unet: bool = True
+    unet_targets: list[str] = field(default_factory=lambda: list(UNET_CROSS_ATTENTION))
+    train_text_encoder: bool = False
+    text_encoder_rank: int = 0        # 0 = same as rank
+    text_encoder_alpha: float = 0.0   # 0 = same as alpha
+    text_encoder_lr: float = 5e-5
+    text_encoder_targets: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_ATTENTION))
+
+    # --- optimisation -----------------------------------------------------------------
+    learning_rate: float = 1e-4       # UNet LoRA learning rate
+    max_train_steps: int = 0          # optimizer steps; 0 = derive from epochs
+    epochs: int = 10
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    optimizer: str = "adamw"          # adamw, or adamw8bit when bitsandbytes is installed
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0        # 0 disables clipping
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 0
+    mixed_precision: str = "no"       # no / fp16 / bf16 (frozen weights only; LoRA stays fp32)
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float = 5.0        # min-SNR loss weighting; 0 disables
+    noise_offset: float = 0.0         # 0.05-0.1 helps very dark/bright images
+    seed: int = 42
+
+    # --- sampling during training -----------------------------------------------------
+    sample_every_n_steps: int = 0     # 0 = no samples during training
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_steps: int = 20
+    sample_guidance: float = 7.0
+
+    # ---------------------------------------------------------------------------------
+    def validate(self) -> dict[str, str]:
+        """Return ``{field: message}`` for every invalid field (empty when valid)."""
+        e: dict[str, str] = {}
+
+        def choice(name: str, options: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in options:
+                e[name] = f"{value!r} is not one of {', '.join(options)}; pick one of those."
+
+        choice("arch", ARCHS)
+        choice("prediction_type", PREDICTION_TYPES)
+        choice("mixed_precision", MIXED_PRECISIONS)
+        choice("lr_scheduler", LR_SCHEDULERS)
+        choice("optimizer", OPTIMIZERS)
+        if not str(self.model).strip():
+            e["model"] = "is empty; give 'builtin', a model folder, a checkpoint file or a hub id."
+        if self.resolution < 64 or self.resolution % 8:
+            e["resolution"] = (f"{self.resolution} must be a multiple of 8 and at least 64; "
+                               f"try {max(64, round(self.resolution / 8) * 8)}.")
+        if self.rank < 1:
+            e["rank"] = f"{self.rank} must be 1 or more; 16 is a good start."
+        if self.alpha <= 0:
+            e["alpha"] = f"{self.alpha} must be greater than 0; use rank/2 ({max(1, self.rank) / 2:g}) or 1."
+        if self.text_encoder_rank < 0:
+            e["text_encoder_rank"] = f"{self.text_encoder_rank} must be 0 (same as rank) or more."
+        if self.text_encoder_alpha < 0:
+            e["text_encoder_alpha"] = f"{self.text_encoder_alpha} must be 0 (same as alpha) or more."
+        for name in ("learning_rate", "text_encoder_lr"):
+            v = getattr(self, name)
+            if not (0 < v < 1):
+                e[name] = f"{v} must be between 0 and 1; 1e-4 is typical for the UNet, 5e-5 for text encoders."
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "repeats", "sample_steps"):
+            if getattr(self, name) < 1:
+                e[name] = f"{getattr(self, name)} must be 1 or more."
+        for name in ("max_train_steps", "lr_warmup_steps", "save_every_n_steps", "sample_every_n_steps"):
+            if getattr(self, name) < 0:
+                e[name] = f"{getattr(self, name)} must be 0 or more."
+        if not (0 <= self.caption_dropout < 1):
+            e["caption_dropout"] = f"{self.caption_dropout} must be in [0, 1); 0.05-0.1 is typical."
+        for name in ("min_snr_gamma", "noise_offset", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                e[name] = f"{getattr(self, name)} must be 0 or more (0 disables it)."
+        if not self.train_unet and not self.train_text_encoder:
+            e["train_unet"] = "nothing to train: enable train_unet or train_text_encoder."
+        if self.train_unet and not self.unet_targets:
+            e["unet_targets"] = "is empty; list module names such as attn2.to_q."
+        if self.train_text_encoder and not self.text_encoder_targets:
+            e["text_encoder_targets"] = "is empty; list module names such as self_attn.q_proj."
+        if not self.name.strip() or any(c in self.name for c in '/\\:*?"<>|'):
+            e["name"] = f"{self.name!r} is not a usable file name; use letters, digits, '-' or '_'."
+        if self.sample_every_n_steps and not self.sample_prompts:
+            e["sample_prompts"] = "is empty while sample_every_n_steps is set; add a prompt or set it to 0."
+        return e
+
+    def check(self) -> "TrainConfig":
+        errors = self.validate()
+        if errors:
+            raise ConfigError(errors)
+        return self
+
+    # --- derived values ---------------------------------------------------------------
+    @property
+    def te_rank(self) -> int:
+        return self.text_encoder_rank or self.rank
+
+    @property
+    def te_alpha(self) -> float:
+        return self.text_encoder_alpha or self.alpha
+
+    # --- (de)serialisation ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def replace(self, **overrides: Any) -> "TrainConfig":
+        return from_dict({**self.to_dict(), **overrides})
+
+    def save(self, path: str | Path) -> Path:
+        from .fileio import atomic_write_text
+        return atomic_write_text(Path(path), self.to_json() + "\n")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Convert a preset/CLI/UI value to the type of the field's default."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, list):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return list(value)
+        return str(value)
+    except (TypeError, ValueError):
+        kind = type(default).__name__
+        raise ConfigError({name: f"{value!r} is not a valid {kind}."}) from None
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Bring a saved config of an older version up to ``CONFIG_VERSION``."""
+    data = dict(data)
+    version = int(data.get("version", CONFIG_VERSION))
+    if version > CONFIG_VERSION:
+        raise TrainerError(
+            f"Config version {version} is newer than this trainer understands ({CONFIG_VERSION}); "
+            "update the trainer.", field="version")
+    data["version"] = CONFIG_VERSION
+    return data
+
+
+def from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """Overlay ``data`` on ``base`` (defaults when None); unknown keys are an error."""
+    data = migrate(data) if "version" in data else dict(data)
+    base = base or TrainConfig()
+    defaults = base.to_dict()
+    unknown = sorted(set(data) - set(defaults) - {"description"})
+    if unknown:
+        raise ConfigError({k: "is not a setting; check the spelling (see TrainConfig)." for k in unknown})
+    values = dict(defaults)
+    for k, v in data.items():
+        if k == "description":
+            continue
+        values[k] = _coerce(k, v, defaults[k])
+    return TrainConfig(**values)
+
+
+# --- presets ----------------------------------------------------------------------------
+def list_presets(directory: Path = PRESETS_DIR) -> dict[str, str]:
+    """Preset name -> one-line description."""
+    out = {}
+    for p in sorted(directory.glob("*.toml")) + sorted(directory.glob("*.json")):
+        out[p.stem] = str(_read_preset_file(p).get("description", ""))
+    return out
+
+
+def _read_preset_file(path: Path) -> dict[str, Any]:
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise TrainerError(f"Preset file '{path}' cannot be read ({err}); fix or delete it.",
+                           field="preset") from None
+
+
+def load_preset(name_or_path: str, directory: Path = PRESETS_DIR) -> dict[str, Any]:
+    """Return a preset's overlay dict (without its description)."""
+    p = Path(name_or_path)
+    if not p.is_file():
+        for ext in (".toml", ".json"):
+            cand = directory / f"{name_or_path}{ext}"
+            if cand.is_file():
+                p = cand
+                break
+        else:
+            names = ", ".join(list_presets(directory)) or "none"
+            raise TrainerError(f"Preset '{name_or_path}' not found; available presets: {names}.",
+                               field="preset")
+    data = _read_preset_file(p)
+    data.pop("description", None)
+    return data
+
+
+def save_preset(config: TrainConfig, name: str, description: str = "",
+                directory: Path = PRESETS_DIR) -> Path:
+    """Save the fields of ``config`` that differ from the defaults as a JSON preset."""
+    from .fileio import atomic_write_text
+    if not name.strip() or any(c in name for c in '/\\:*?"<>|. '):
+        raise TrainerError(f"Preset name {name!r} is not usable; use letters, digits, '-' or '_'.",
+                           field="preset")
+    defaults = TrainConfig().to_dict()
+    skip = {"data_dir", "output_dir", "name", "version"}
+    overlay = {k: v for k, v in config.to_dict().items() if k not in skip and v != defaults[k]}
+    return atomic_write_text(directory / f"{name}.json",
+                             json.dumps({"description": description, **overlay}, indent=2) + "\n")
+
+
+def resolve(preset: str | None = None, overrides: dict[str, Any] | None = None,
+            base: TrainConfig | None = None) -> TrainConfig:
+    """defaults (or ``base``) -> preset -> overrides (None values ignored), validated."""
+    config = base or TrainConfig()
+    if preset:
+        config = from_dict(load_preset(preset), config)
+    if overrides:
+        config = from_dict({k: v for k, v in overrides.items() if v is not None}, config)
+    return config.check()
