@@ -1,0 +1,24 @@
+"""Test environment: offline, no telemetry, small thread count, tiny models built from configs."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_sd1():
+    from tests.tiny_models import build_tiny
+    return build_tiny("sd1")
+
+
+@pytest.fixture
+def tiny_sdxl():
+    from tests.tiny_models import build_tiny
+    return build_tiny("sdxl")
