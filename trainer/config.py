@@ -42,7 +42,7 @@ class TrainConfig:
     # --- dataset ----------------------------------------------------------------------
     data_dir: str = ""                # images + same-stem .txt captions (kohya convention)
     trigger_word: str = ""            # prepended to every caption; used alone when a caption is missing
-    resolution: int = 512             # square training size in pixels (multiple of 8)
+    resolution: int = 0               # square training size in pixels (multiple of 8); 0 = the model's native size
     center_crop: bool = True          # centre crop after resizing the short side; False = random crop
     random_flip: bool = False         # horizontal flip augmentation (off: breaks asymmetric subjects)
     repeats: int = 1                  # each image is seen this many times per epoch
@@ -108,9 +108,9 @@ class TrainConfig:
         choice("optimizer", OPTIMIZERS)
         if not str(self.model).strip():
             e["model"] = "is empty; give 'builtin', a model folder, a checkpoint file or a hub id."
-        if self.resolution < 64 or self.resolution % 8:
-            e["resolution"] = (f"{self.resolution} must be a multiple of 8 and at least 64; "
-                               f"try {max(64, round(self.resolution / 8) * 8)}.")
+        if self.resolution != 0 and (self.resolution < 64 or self.resolution % 8):
+            e["resolution"] = (f"{self.resolution} must be a multiple of 8 and at least 64 (or 0 for the "
+                               f"model's native size); try {max(64, (self.resolution + 7) // 8 * 8)}.")
         if self.rank < 1:
             e["rank"] = f"{self.rank} must be 1 or more; 16 is a good start."
         if self.alpha <= 0:

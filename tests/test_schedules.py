@@ -1,0 +1,71 @@
+"""The pure training-maths functions."""
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from trainer import schedules
+
+
+def test_step_counts():
+    assert schedules.steps_per_epoch(40, 4, 1) == 10
+    assert schedules.steps_per_epoch(41, 4, 1) == 11
+    assert schedules.steps_per_epoch(40, 4, 3) == 4
+    assert schedules.total_steps(40, 4, 1, epochs=10, max_steps=0) == 100
+    assert schedules.total_steps(40, 4, 1, epochs=10, max_steps=7) == 7
+
+
+def test_lr_schedules():
+    f = lambda s, name, w=0: schedules.lr_multiplier(s, schedule=name, warmup=w, total=100)  # noqa: E731
+    assert f(0, "constant") == 1.0 and f(99, "constant") == 1.0
+    assert f(0, "constant_with_warmup", 10) == pytest.approx(0.1)
+    assert f(9, "constant_with_warmup", 10) == pytest.approx(1.0)
+    assert f(0, "cosine") == pytest.approx(1.0)
+    assert f(50, "cosine") == pytest.approx(0.5)
+    assert f(100, "cosine") == pytest.approx(0.0, abs=1e-9)
+    assert f(50, "linear") == pytest.approx(0.5)
+    values = [f(s, "cosine", 10) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay after warm-up
+
+
+def test_min_snr_weights():
+    snr = torch.tensor([0.5, 5.0, 50.0])
+    eps = schedules.min_snr_weights(snr, 5.0, "epsilon")
+    assert torch.allclose(eps, torch.tensor([1.0, 1.0, 0.1]))
+    v = schedules.min_snr_weights(snr, 5.0, "v_prediction")
+    assert torch.allclose(v, torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
+    assert torch.equal(schedules.min_snr_weights(snr, 0.0, "epsilon"), torch.ones(3))
+
+
+def test_snr_matches_scheduler():
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([0, 500, 999])
+    a = sched.alphas_cumprod[t]
+    assert torch.allclose(schedules.snr(sched.alphas_cumprod, t), a / (1 - a))
+
+
+def test_targets_epsilon_and_v():
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    assert torch.equal(schedules.training_target(sched, latents, noise, t, "epsilon"), noise)
+    v = schedules.training_target(sched, latents, noise, t, "v_prediction")
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(v, a.sqrt() * noise - (1 - a).sqrt() * latents, atol=1e-6)
+
+
+def test_noise_offset_and_determinism():
+    latents = torch.zeros(2, 4, 8, 8)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = schedules.sample_noise(latents, 0.1, g1)
+    b = schedules.sample_noise(latents, 0.1, g2)
+    assert torch.equal(a, b)
+    plain = schedules.sample_noise(latents, 0.0, torch.Generator().manual_seed(1))
+    assert not torch.equal(a, plain)
+
+
+def test_weighted_mse():
+    pred, target = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    assert schedules.weighted_mse(pred, target, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.5)
+    assert math.isclose(schedules.weighted_mse(pred, target, torch.ones(2)).item(), 1.0)

@@ -1,0 +1,162 @@
+"""Command line: `python -m trainer train|generate|report|presets`.
+
+Builds a TrainConfig (defaults -> preset -> flags), runs the same core the web UI uses, and
+prints errors as one readable line (no traceback). `train` prints the adapter path last.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from .errors import TrainerError
+
+# flag -> TrainConfig field, for the flags the README documents
+TRAIN_FLAGS = {
+    "data": "data_dir", "out": "output_dir", "model": "model", "steps": "max_train_steps", "rank": "rank",
+    "alpha": "alpha", "resolution": "resolution", "seed": "seed", "name": "name", "trigger": "trigger_word",
+    "epochs": "epochs", "lr": "learning_rate", "batch_size": "batch_size",
+    "mixed_precision": "mixed_precision", "text_encoder_lr": "text_encoder_lr",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Train and use LoRA adapters "
+                                     "for Stable Diffusion (SD1.x, SD2.x, SDXL).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a LoRA on a folder of images with .txt captions")
+    t.add_argument("--data", required=True, help="folder of images with same-stem .txt captions")
+    t.add_argument("--out", required=True, help="run folder: adapter, config.json, samples")
+    t.add_argument("--model", help="'builtin' (default), a diffusers folder, a .safetensors/.ckpt, or a hub id")
+    t.add_argument("--preset", help="preset name (see `presets`) or a preset file")
+    t.add_argument("--config", help="a saved config.json to start from (e.g. from an earlier run)")
+    t.add_argument("--steps", type=int, help="optimizer steps (default: from epochs)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--rank", type=int, help="LoRA rank r")
+    t.add_argument("--alpha", type=float, help="LoRA alpha; scale = alpha / rank")
+    t.add_argument("--lr", type=float, help="UNet learning rate")
+    t.add_argument("--text-encoder-lr", type=float)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--resolution", type=int, help="training size in pixels (multiple of 8)")
+    t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"))
+    t.add_argument("--seed", type=int)
+    t.add_argument("--name", help="file name of the adapter (without .safetensors)")
+    t.add_argument("--trigger", help="trigger word prepended to every caption")
+    t.add_argument("--train-text-encoder", action="store_true", default=None,
+                   help="also train LoRA on the text encoder(s)")
+    t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other TrainConfig field, e.g. --set noise_offset=0.05 (repeatable)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    g = sub.add_parser("generate", help="render an image with zero or more LoRAs")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--model", default="builtin")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--guidance", type=float, default=7.0)
+    g.add_argument("--negative", default="")
+    g.add_argument("--size", type=int, help="image size in pixels (default: the model's native size)")
+    g.add_argument("--out", required=True, help="PNG file to write")
+
+    r = sub.add_parser("report", help="check a dataset folder before training")
+    r.add_argument("--data", required=True)
+    r.add_argument("--trigger", default="")
+    r.add_argument("--resolution", type=int, default=512)
+
+    sub.add_parser("presets", help="list the presets")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    from .config import TrainConfig, from_dict, resolve
+    import json
+
+    base = None
+    if args.config:
+        try:
+            base = from_dict(json.loads(Path(args.config).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as err:
+            raise TrainerError(f"Config file '{args.config}' cannot be read ({err}); give a config.json "
+                               "written by an earlier run.", field="config") from None
+    overrides = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()}
+    if args.train_text_encoder:
+        overrides["train_text_encoder"] = True
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TrainerError(f"--set {item!r} must look like FIELD=VALUE, e.g. --set noise_offset=0.05.",
+                               field="set")
+        overrides[key.strip()] = value.strip()
+    return resolve(args.preset, overrides, base=base or TrainConfig())
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .events import Control
+    from .train import train
+    from .console import ConsoleProgress
+
+    config = config_from_args(args)
+    control = Control()
+
+    def on_sigint(signum, frame):  # first Ctrl-C: stop and save; second: abort
+        if control.stop_requested:
+            raise KeyboardInterrupt
+        print("\nstopping after this step and saving the adapter (Ctrl-C again to abort)", file=sys.stderr)
+        control.stop()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with ConsoleProgress(quiet=args.quiet) as progress:
+            path = train(config, listeners=[progress], control=control)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(path)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import RenderSettings, Renderer, parse_lora_arg
+
+    loras = dict(parse_lora_arg(item) for item in args.lora)
+    for path in loras:
+        if not Path(path).is_file():
+            raise TrainerError(f"LoRA file '{path}' does not exist; check the path.", field="lora")
+    renderer = Renderer.load(args.model)
+    image = renderer.render(RenderSettings(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed,
+                                           steps=args.steps, guidance=args.guidance, size=args.size), loras)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(out)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .dataset import scan_dataset
+
+    print(scan_dataset(args.data, trigger_word=args.trigger, resolution=args.resolution).summary())
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .config import list_presets
+
+    for name, description in list_presets().items():
+        print(f"{name:20s} {description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = {"train": cmd_train, "generate": cmd_generate, "report": cmd_report, "presets": cmd_presets}
+    try:
+        return command[args.command](args)
+    except TrainerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130

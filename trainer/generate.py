@@ -1,0 +1,93 @@
+"""Rendering images with a base model and zero or more LoRA files at chosen strengths.
+
+``Renderer`` keeps one model loaded; adapters are attached once and their strengths change
+without reloading anything (the preview slider and blending rely on this).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapters import apply_adapter, read_lora_file, remove_adapter, set_weights
+from .errors import TrainerError
+from .models import BaseModel, load_base_model, make_pipeline
+
+
+@dataclass
+class RenderSettings:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 7.0
+    size: int | None = None            # None = the model's native resolution
+
+
+@dataclass
+class Renderer:
+    """A loaded base model plus attached adapters, keyed by their file path."""
+
+    base: BaseModel
+    sampler: str = "dpmpp"
+    _names: dict[str, str] = field(default_factory=dict)    # resolved path -> adapter name
+    _pipe: object | None = None
+
+    @classmethod
+    def load(cls, model: str = "builtin", **kwargs) -> "Renderer":
+        return cls(load_base_model(model, **kwargs))
+
+    @property
+    def pipeline(self):
+        if self._pipe is None:
+            self._pipe = make_pipeline(self.base, self.sampler)
+        return self._pipe
+
+    def attach(self, path: str | Path) -> str:
+        """Load a LoRA file once; returns its adapter name. Unplaceable keys are an error."""
+        key = str(Path(path).resolve())
+        if key not in self._names:
+            name = f"lora{len(self._names)}"
+            lora = read_lora_file(path)
+            missing = apply_adapter(self.base.components(), self.base.arch, lora, name, weight=0.0)
+            if missing:
+                remove_adapter(self.base.components(), name)
+                shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+                raise TrainerError(f"LoRA '{Path(path).name}' has {len(missing)} modules this "
+                                   f"{self.base.arch} model does not have ({shown}); it was made for "
+                                   "another base model. Pick a LoRA for this model.", field="lora")
+            self._names[key] = name
+        return self._names[key]
+
+    def detach(self, path: str | Path) -> None:
+        name = self._names.pop(str(Path(path).resolve()), None)
+        if name:
+            remove_adapter(self.base.components(), name)
+
+    def set_strengths(self, loras: dict[str, float]) -> None:
+        """Attach what is new, then set every attached adapter's weight (absent ones to 0)."""
+        wanted = {self.attach(p): float(w) for p, w in loras.items()}
+        set_weights(self.base.components(), {n: wanted.get(n, 0.0) for n in self._names.values()})
+
+    @torch.no_grad()
+    def render(self, settings: RenderSettings, loras: dict[str, float] | None = None):
+        """One PIL image for ``settings`` with ``loras`` ({path: weight}) applied."""
+        self.set_strengths(loras or {})
+        size = settings.size or self.base.resolution
+        generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+        return self.pipeline(settings.prompt, negative_prompt=settings.negative_prompt or None,
+                             num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                             height=size, width=size, generator=generator).images[0]
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """'file.safetensors:0.7' -> (path, 0.7); no weight -> 1.0. Windows drive colons are kept."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path and not weight.startswith(("\\", "/")):
+        try:
+            return path, float(weight)
+        except ValueError:
+            raise TrainerError(f"LoRA weight {weight!r} in {text!r} is not a number; "
+                               "write FILE:0.8.", field="lora") from None
+    return text, 1.0

@@ -1,0 +1,83 @@
+"""Pure functions of the training maths: step counts, LR schedule, noise, targets, min-SNR weights.
+
+Each takes plain values or tensors and returns a value; the loop in train.py only wires them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one epoch (a last partial batch still counts as a micro-step)."""
+    micro = math.ceil(num_samples / batch_size)
+    return max(1, math.ceil(micro / grad_accum))
+
+
+def total_steps(num_samples: int, batch_size: int, grad_accum: int, epochs: int, max_steps: int) -> int:
+    """``max_steps`` when set, else ``epochs`` full passes."""
+    if max_steps > 0:
+        return max_steps
+    return epochs * steps_per_epoch(num_samples, batch_size, grad_accum)
+
+
+def lr_multiplier(step: int, *, schedule: str, warmup: int, total: int) -> float:
+    """LR factor at optimizer step ``step`` (0-based): linear warm-up, then the named decay."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule in ("constant", "constant_with_warmup"):
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+def sample_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Gaussian noise like ``latents``; ``noise_offset`` adds a per-channel constant (brightness range)."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset > 0:
+        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator,
+                             device=latents.device, dtype=latents.dtype)
+        noise = noise + noise_offset * offset
+    return noise
+
+
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return a / (1.0 - a)
+
+
+def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023); ones when gamma is 0.
+
+    epsilon: min(snr, gamma) / snr; v-prediction: min(snr, gamma) / (snr + 1).
+    """
+    if gamma <= 0:
+        return torch.ones_like(snr_values)
+    clipped = torch.clamp(snr_values, max=gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr_values + 1.0)
+    return clipped / snr_values
+
+
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                    prediction_type: str) -> torch.Tensor:
+    """What the UNet should predict: the noise (epsilon) or the velocity (v-prediction)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over pixels per sample, times the per-sample weight, mean over the batch (fp32)."""
+    per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+    per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
+    return (per_sample * weights.float()).mean()

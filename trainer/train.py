@@ -1,0 +1,303 @@
+"""The training loop: TrainConfig in, a LoRA .safetensors out, typed events along the way.
+
+Reads straight down: setup (data -> model -> LoRA -> optimizer) -> loop (encode -> noise ->
+predict -> loss -> step -> events/control) -> export. Front ends pass listeners and a Control.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from . import schedules
+from .config import TrainConfig
+from .dataset import DatasetReport, LoraDataset, collate, scan_dataset
+from .errors import TrainerError
+from .events import Control, Event, Failed, Finished, Listener, Log, Progress, Sample, Saved, Started
+from .export import build_metadata, lora_state_dict, save_adapter, save_diffusers_format
+from .lora import cast_frozen, groups_from_config, inject
+from .models import BaseModel, encode_prompts, load_base_model, make_pipeline
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class _Run:
+    """What the loop carries between steps (kept small on purpose)."""
+
+    config: TrainConfig
+    base: BaseModel
+    run_dir: Path
+    emit: Callable[[Event], None]
+    num_images: int
+    tag_frequency: dict
+    started_at: float
+    report: DatasetReport
+    step: int = 0
+    epoch: int = 0
+
+
+def make_accelerator(config: TrainConfig):
+    """An accelerate.Accelerator for this config; fp16 needs a CUDA device."""
+    from accelerate import Accelerator
+
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise TrainerError("mixed_precision 'fp16' needs a CUDA GPU and none was found; "
+                           "use 'bf16' or 'no' on this machine.", field="mixed_precision")
+    return Accelerator(mixed_precision=config.mixed_precision,
+                       gradient_accumulation_steps=config.gradient_accumulation_steps)
+
+
+def make_optimizer(config: TrainConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW when asked for (and installed)."""
+    kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                  weight_decay=config.weight_decay)
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainerError("optimizer 'adamw8bit' needs the bitsandbytes package; "
+                               "`pip install bitsandbytes` (CUDA only) or use 'adamw'.",
+                               field="optimizer") from None
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    return torch.optim.AdamW(param_groups, **kwargs)
+
+
+def train(config: TrainConfig, *, listeners: Iterable[Listener] = (), control: Control | None = None,
+          base: BaseModel | None = None) -> Path:
+    """Train a LoRA as ``config`` says and return the path of the exported adapter.
+
+    ``base`` lets a caller reuse an already loaded model (it is modified in place: LoRA layers
+    are injected). Raises TrainerError for bad input; emits Failed before any raise.
+    """
+    listeners = list(listeners)
+    control = control or Control()
+
+    def emit(event: Event) -> None:
+        for listener in listeners:
+            listener(event)
+
+    run: _Run | None = None
+    try:
+        config.check()
+        run = _setup(config, base, emit)
+        return _loop(run, control)
+    except TrainerError as err:
+        emit(Failed(message=str(err), step=run.step if run else 0))
+        raise
+    except Exception as err:  # an unexpected failure: keep what was learned, tell the user
+        step = run.step if run else 0
+        saved = _save_interrupted(run) if run and run.step > 0 else None
+        note = f" The adapter so far was saved to {saved}." if saved else ""
+        emit(Failed(message=f"Training failed at step {step}: {type(err).__name__}: {err}.{note}", step=step))
+        raise
+
+
+def _setup(config: TrainConfig, base: BaseModel | None, emit: Callable[[Event], None]) -> _Run:
+    # The dataset is checked before the (slow) model load so its errors come first.
+    report = scan_dataset(config.data_dir, trigger_word=config.trigger_word, resolution=config.resolution or 512)
+    if base is None:
+        emit(Log(f"loading base model {config.model!r}"))
+        base = load_base_model(config.model, arch=config.arch, prediction_type=config.prediction_type)
+    if not config.resolution:
+        config = config.replace(resolution=base.resolution)
+        report = scan_dataset(config.data_dir, trigger_word=config.trigger_word, resolution=config.resolution)
+    for warning in report.warnings:
+        emit(Log(f"dataset: {warning}"))
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / "config.json")
+    return _Run(config=config, base=base, run_dir=run_dir, emit=emit, num_images=report.num_images,
+                tag_frequency=report.tag_frequency, started_at=time.time(), report=report)
+
+
+def _loop(run: _Run, control: Control) -> Path:
+    config, base = run.config, run.base
+    accelerator = make_accelerator(config)
+    device, weight_dtype = accelerator.device, DTYPES[config.mixed_precision]
+    torch.manual_seed(config.seed)  # LoRA A init and dataloader order depend on it
+
+    components = base.components()
+    groups = groups_from_config(config, components)
+    params = inject(components, groups)
+    base.to(device)
+    cast_frozen(components, weight_dtype)
+    # fp16 VAEs overflow into NaN latents; the VAE stays fp32 unless bf16 is asked for.
+    base.vae.to(dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32)
+    trainable = [m for name, m in components.items()
+                 if any(p.requires_grad for p in m.parameters())]
+    if config.gradient_checkpointing:
+        _enable_checkpointing(base)
+
+    dataset = LoraDataset(run.report, config.resolution, center_crop=config.center_crop,
+                          random_flip=config.random_flip, repeats=config.repeats,
+                          caption_dropout=config.caption_dropout, seed=config.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
+                                         collate_fn=collate, drop_last=False,
+                                         generator=torch.Generator().manual_seed(config.seed))
+    total = schedules.total_steps(len(dataset), config.batch_size, config.gradient_accumulation_steps,
+                                  config.epochs, config.max_train_steps)
+    lr_of = {g.name: g.lr for g in groups}
+    optimizer = make_optimizer(config, [{"params": p, "lr": lr_of[n], "name": n} for n, p in params.items()])
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedules.lr_multiplier(
+        s, schedule=config.lr_scheduler, warmup=config.lr_warmup_steps, total=total))
+    prepared = accelerator.prepare(*trainable, optimizer, loader, lr_scheduler)
+    optimizer, loader, lr_scheduler = prepared[-3:]
+    unet = prepared[trainable.index(base.unet)] if base.unet in trainable else base.unet
+
+    noise_gen = torch.Generator(device=device).manual_seed(config.seed)
+    scheduler = base.noise_scheduler
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    n_params = sum(p.numel() for ps in params.values() for p in ps)
+    run.emit(Started(run_dir=str(run.run_dir), total_steps=total, trainable_params=n_params,
+                     num_images=run.num_images))
+    run.emit(Log(f"{base.arch} / {base.prediction_type}, {n_params:,} trainable parameters, "
+                 f"{len(dataset)} samples per epoch, {total} steps, device {device}"))
+
+    losses: deque[float] = deque(maxlen=50)
+    step_loss, micro = 0.0, 0
+    t_start = last_t = time.perf_counter()
+    for m in trainable:
+        m.train()
+    while run.step < total and not control.stop_requested:
+        for batch in loader:
+            with accelerator.accumulate(*trainable):
+                loss = _micro_step(base, unet, batch, config, scheduler, alphas_cumprod, noise_gen,
+                                   weight_dtype, device)
+                if not torch.isfinite(loss):
+                    raise TrainerError(f"The loss became {loss.item()} at step {run.step + 1}; lower the "
+                                       f"learning rate ({config.learning_rate:g}) or use 'bf16' instead "
+                                       "of 'fp16'.", field="learning_rate")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_([p for ps in params.values() for p in ps], config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.item()
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            run.step += 1
+            losses.append(step_loss / micro)
+            now = time.perf_counter()
+            rate = run.step / max(now - t_start, 1e-9)
+            run.emit(Progress(step=run.step, total_steps=total, epoch=run.epoch, loss=step_loss / micro,
+                              avg_loss=sum(losses) / len(losses), lr=lr_scheduler.get_last_lr()[0],
+                              it_per_s=1.0 / max(now - last_t, 1e-9), eta_s=(total - run.step) / rate))
+            step_loss, micro, last_t = 0.0, 0, now
+            _between_steps(run, control, total)
+            if run.step >= total or control.stop_requested:
+                break
+        run.epoch += 1
+
+    path = _save(run, final=True)
+    run.emit(Finished(path=str(path), steps=run.step, stopped_early=run.step < total,
+                      final_loss=losses[-1] if losses else math.nan,
+                      seconds=time.perf_counter() - t_start))
+    return path
+
+
+def _micro_step(base: BaseModel, unet, batch: dict, config: TrainConfig, scheduler, alphas_cumprod,
+                noise_gen: torch.Generator, weight_dtype: torch.dtype, device) -> torch.Tensor:
+    """One forward pass: encode images and captions, add noise, predict, weighted MSE."""
+    pixels = batch["pixel_values"].to(device, dtype=base.vae.dtype)
+    with torch.no_grad():
+        latents = base.vae.encode(pixels).latent_dist.sample(generator=noise_gen)
+        latents = _vae_scale(base, latents).to(weight_dtype)
+    noise = schedules.sample_noise(latents, config.noise_offset, noise_gen)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=noise_gen, device=device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    cond = encode_prompts(base, batch["captions"], size=config.resolution)
+    with torch.autocast(device_type=device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+        pred = unet(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"].to(weight_dtype),
+                    added_cond_kwargs=cond.get("added_cond_kwargs")).sample
+    target = schedules.training_target(scheduler, latents, noise, timesteps, base.prediction_type)
+    weights = schedules.min_snr_weights(schedules.snr(alphas_cumprod, timesteps), config.min_snr_gamma,
+                                        base.prediction_type)
+    return schedules.weighted_mse(pred, target, weights)
+
+
+def _vae_scale(base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
+    cfg = base.vae.config
+    shift = getattr(cfg, "shift_factor", None) or 0.0
+    return (latents - shift) * cfg.scaling_factor
+
+
+def _between_steps(run: _Run, control: Control, total: int) -> None:
+    """Periodic and requested saves and samples."""
+    cfg = run.config
+    if control.take_save() or (cfg.save_every_n_steps and run.step % cfg.save_every_n_steps == 0
+                               and run.step < total):
+        _save(run, final=False)
+    if control.take_sample() or (cfg.sample_every_n_steps and run.step % cfg.sample_every_n_steps == 0):
+        _sample(run)
+
+
+def _enable_checkpointing(base: BaseModel) -> None:
+    base.unet.enable_gradient_checkpointing()
+    for te in base.text_encoders:
+        if any(p.requires_grad for p in te.parameters()):
+            te.gradient_checkpointing_enable()
+            te.config.use_cache = False
+
+
+def _save(run: _Run, *, final: bool) -> Path:
+    cfg, base = run.config, run.base
+    stem = cfg.name if final else f"{cfg.name}-step{run.step:06d}"
+    metadata = build_metadata(cfg, arch=base.arch, prediction_type=base.prediction_type, base_name=base.name,
+                              resolution=cfg.resolution, num_images=run.num_images, steps=run.step,
+                              epoch=run.epoch, tag_frequency=run.tag_frequency,
+                              training_started_at=run.started_at)
+    path = save_adapter(run.run_dir / f"{stem}.safetensors", lora_state_dict(base.components(), base.arch),
+                        metadata)
+    if final and cfg.export_diffusers:
+        save_diffusers_format(run.run_dir / f"{stem}-diffusers.safetensors", base.components())
+    run.emit(Saved(step=run.step, path=str(path), final=final))
+    return path
+
+
+def _save_interrupted(run: _Run) -> Path | None:
+    """Best effort after an unexpected failure: write the LoRA so far under a distinct name."""
+    try:
+        tensors = lora_state_dict(run.base.components(), run.base.arch)
+        if not all(torch.isfinite(t).all() for t in tensors.values()):
+            return None
+        metadata = build_metadata(run.config, arch=run.base.arch, prediction_type=run.base.prediction_type,
+                                  base_name=run.base.name, resolution=run.config.resolution,
+                                  num_images=run.num_images, steps=run.step, epoch=run.epoch,
+                                  tag_frequency=run.tag_frequency, training_started_at=run.started_at)
+        return save_adapter(run.run_dir / f"{run.config.name}-step{run.step:06d}-interrupted.safetensors",
+                            tensors, metadata)
+    except Exception:  # saving is a courtesy here; the original error is what gets reported
+        return None
+
+
+@torch.no_grad()
+def _sample(run: _Run) -> None:
+    """Render the config's sample prompts with the LoRA as it is now."""
+    cfg, base = run.config, run.base
+    components = base.components()
+    modes = {name: m.training for name, m in components.items()}
+    pipe = make_pipeline(base)
+    out_dir = run.run_dir / "samples"
+    out_dir.mkdir(exist_ok=True)
+    paths = []
+    try:
+        for i, prompt in enumerate(cfg.sample_prompts):
+            generator = torch.Generator(device="cpu").manual_seed(cfg.seed + i)
+            image = pipe(prompt, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.sample_guidance,
+                         generator=generator, height=cfg.resolution, width=cfg.resolution).images[0]
+            path = out_dir / f"step{run.step:06d}-{i}.png"
+            image.save(path)
+            paths.append(str(path))
+    finally:
+        for name, m in components.items():
+            m.train(modes[name])
+    run.emit(Sample(step=run.step, paths=tuple(paths), prompts=tuple(cfg.sample_prompts)))
