@@ -195,6 +195,8 @@ def _loop(run: _Run, control: Control) -> Path:
             if run.step >= total or control.stop_requested:
                 break
         run.epoch += 1
+    for m in trainable:
+        m.eval()
 
     path = _save(run, final=True)
     run.emit(Finished(path=str(path), steps=run.step, stopped_early=run.step < total,

@@ -1,0 +1,89 @@
+"""The command line: bad inputs give one clear line (no traceback); train/generate work end to end."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from trainer.cli import main
+from trainer.generate import parse_lora_arg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_data(folder: Path, n: int = 3) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (64, 64), (40 * i, 100, 200)).save(folder / f"x{i}.png")
+        (folder / f"x{i}.txt").write_text("a blue square")
+    return folder
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("case,extra,words", [
+    ("rank 0", ["--rank", "0"], ["rank", "0"]),
+    ("negative alpha", ["--alpha", "-2"], ["alpha", "-2"]),
+    ("resolution", ["--resolution", "100"], ["resolution", "100", "multiple of 8"]),
+    ("missing model", ["--model", "/nowhere/model.safetensors"], ["/nowhere/model.safetensors"]),
+])
+def test_bad_flags_one_clear_error(tmp_path, capsys, case, extra, words):
+    data = make_data(tmp_path / "data")
+    code, out, err = run_cli(capsys, "train", "--data", str(data), "--out", str(tmp_path / "o"), *extra)
+    assert code == 2, case
+    assert err.startswith("error: ") and "Traceback" not in err
+    for word in words:
+        assert word in err, (case, err)
+
+
+def test_empty_folder_and_unreadable_image(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(capsys, "train", "--data", str(empty), "--out", str(tmp_path / "o"))
+    assert code == 2 and str(empty) in err and "Traceback" not in err
+
+    data = make_data(tmp_path / "data")
+    (data / "broken.png").write_bytes(b"not an image at all")
+    code, _, err = run_cli(capsys, "train", "--data", str(data), "--out", str(tmp_path / "o2"),
+                           "--steps", "1")
+    assert code == 2 and "broken.png" in err and "Traceback" not in err
+
+
+def test_unknown_set_field(tmp_path, capsys):
+    data = make_data(tmp_path / "data")
+    code, _, err = run_cli(capsys, "train", "--data", str(data), "--out", str(tmp_path / "o"),
+                           "--set", "nosie_offset=0.1")
+    assert code == 2 and "nosie_offset" in err
+
+
+def test_parse_lora_arg():
+    assert parse_lora_arg("a.safetensors") == ("a.safetensors", 1.0)
+    assert parse_lora_arg("a.safetensors:0.5") == ("a.safetensors", 0.5)
+    assert parse_lora_arg("a.safetensors:-1") == ("a.safetensors", -1.0)
+    assert parse_lora_arg(r"C:\x\a.safetensors") == (r"C:\x\a.safetensors", 1.0)
+
+
+def test_train_then_generate_subprocess_on_builtin(tmp_path):
+    """The README's flow, as a user runs it: the adapter path is the last stdout line."""
+    data = make_data(tmp_path / "data", n=4)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    train = subprocess.run([sys.executable, "-m", "trainer", "train", "--data", str(data), "--out",
+                            str(tmp_path / "run"), "--steps", "3", "--rank", "4", "--quiet"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr
+    adapter = Path(train.stdout.strip().splitlines()[-1])
+    assert adapter == tmp_path / "run" / "lora.safetensors" and adapter.is_file()
+    out = tmp_path / "img.png"
+    gen = subprocess.run([sys.executable, "-m", "trainer", "generate", "--prompt", "a blue square",
+                          "--lora", f"{adapter}:0.8", "--steps", "2", "--out", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert gen.returncode == 0, gen.stderr
+    assert Image.open(out).size[0] >= 32

@@ -1,0 +1,161 @@
+"""The training loop end to end on tiny models: learning, step-0 identity, seeds, events, stop."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.tiny_models import build_tiny
+from trainer import schedules
+from trainer.config import TrainConfig
+from trainer.events import Control, Finished, Progress, Saved, Started
+from trainer.lora import groups_from_config, inject
+from trainer.models import BaseModel, encode_prompts
+from trainer.train import train
+
+COLOURS = [(220, 30, 30), (30, 200, 60), (40, 60, 220), (240, 200, 20)]
+
+
+def tiny_base(arch: str = "sd1") -> BaseModel:
+    t = build_tiny(arch)
+    t["scheduler"].register_to_config(prediction_type="epsilon")
+    return BaseModel(arch=arch, prediction_type="epsilon", unet=t["unet"], vae=t["vae"],
+                     text_encoders=t["text_encoders"], tokenizers=t["tokenizers"],
+                     noise_scheduler=t["scheduler"], name=f"tiny-{arch}", source="tests", resolution=32)
+
+
+def write_dataset(folder, n: int = 4) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = Image.new("RGB", (40, 32), COLOURS[i % 4])
+        img.paste((255, 255, 255), (8 + i, 8, 20 + i, 20))
+        img.save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a square number {i}")
+    return str(folder)
+
+
+def quick_config(tmp_path, **kw) -> TrainConfig:
+    base = dict(data_dir=write_dataset(tmp_path / "data"), output_dir=str(tmp_path / "run"), resolution=32,
+                rank=4, alpha=4.0, learning_rate=1e-3, max_train_steps=4, batch_size=2, seed=7,
+                lr_scheduler="constant", min_snr_gamma=0.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def fixed_batch_loss(base: BaseModel, pixels: torch.Tensor, captions: list[str]) -> float:
+    """Loss with fixed noise and timesteps, so two evaluations differ only by the weights."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = base.vae.encode(pixels).latent_dist.mean * base.vae.config.scaling_factor
+        noise = schedules.sample_noise(latents, 0.0, g)
+        t = torch.tensor([100, 400, 700, 900][: len(captions)])
+        noisy = base.noise_scheduler.add_noise(latents, noise, t)
+        cond = encode_prompts(base, captions)
+        pred = base.unet(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+        return torch.nn.functional.mse_loss(pred, noise).item()
+
+
+def test_overfit_fixed_batch_loss_falls(tmp_path):
+    base = tiny_base()
+    config = quick_config(tmp_path, max_train_steps=60, batch_size=4, learning_rate=5e-3, rank=8, alpha=8.0,
+                          train_text_encoder=True, text_encoder_lr=1e-3)
+    pixels = torch.stack([torch.tensor(c).float().view(3, 1, 1).expand(3, 32, 32) / 127.5 - 1 for c in COLOURS])
+    captions = [f"a square number {i}" for i in range(4)]
+    before = fixed_batch_loss(base, pixels, captions)
+    train(config, base=base)
+    after = fixed_batch_loss(base, pixels, captions)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_step_zero_equals_base(tmp_path):
+    base = tiny_base()
+    x = torch.randn(1, 4, 8, 8)
+    cond = encode_prompts(base, ["a red square"])["encoder_hidden_states"]
+    with torch.no_grad():
+        ref = base.unet(x, torch.tensor([500]), encoder_hidden_states=cond).sample
+    inject(base.components(), groups_from_config(TrainConfig(train_text_encoder=True), base.components()))
+    with torch.no_grad():
+        cond2 = encode_prompts(base, ["a red square"])["encoder_hidden_states"]
+        out = base.unet(x, torch.tensor([500]), encoder_hidden_states=cond2).sample
+    assert torch.equal(cond, cond2)
+    assert torch.equal(ref, out)
+
+
+def test_seed_reproducible_and_seed_matters(tmp_path):
+    paths = []
+    for i, seed in enumerate((7, 7, 8)):
+        config = quick_config(tmp_path, output_dir=str(tmp_path / f"run{i}"), seed=seed)
+        paths.append(train(config, base=tiny_base()))
+    a, b, c = (load_file(p) for p in paths)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith("lora_down.weight"))
+
+
+def test_events_config_and_outputs(tmp_path):
+    events = []
+    config = quick_config(tmp_path, save_every_n_steps=2, name="mine")
+    path = train(config, base=tiny_base(), listeners=[events.append])
+    assert path == tmp_path / "run" / "mine.safetensors" and path.is_file()
+    kinds = [type(e) for e in events]
+    assert kinds.count(Started) == 1 and kinds[-1] is Finished
+    steps = [e.step for e in events if isinstance(e, Progress)]
+    assert steps == [1, 2, 3, 4]
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert all(p.loss > 0 and p.lr > 0 and p.eta_s >= 0 for p in progress)
+    saved = [e for e in events if isinstance(e, Saved)]
+    assert [s.final for s in saved] == [False, True]
+    assert (tmp_path / "run" / "mine-step000002.safetensors").is_file()
+    saved_config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved_config["rank"] == 4 and saved_config["resolution"] == 32
+    assert not events[-1].stopped_early
+
+
+def test_stop_request_saves_adapter(tmp_path):
+    control = Control()
+    events = []
+
+    def listener(event):
+        events.append(event)
+        if isinstance(event, Progress) and event.step == 2:
+            control.stop()
+
+    config = quick_config(tmp_path, max_train_steps=50)
+    path = train(config, base=tiny_base(), listeners=[listener], control=control)
+    finished = events[-1]
+    assert isinstance(finished, Finished) and finished.stopped_early and finished.steps == 2
+    assert path.is_file() and load_file(path)
+
+
+def test_auto_resolution_uses_model_native_size(tmp_path):
+    config = quick_config(tmp_path, resolution=0, max_train_steps=1)
+    train(config, base=tiny_base())
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["resolution"] == 32
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    events = []
+    config = quick_config(tmp_path, gradient_accumulation_steps=2, batch_size=1, max_train_steps=3)
+    train(config, base=tiny_base(), listeners=[events.append])
+    assert [e.step for e in events if isinstance(e, Progress)] == [1, 2, 3]
+
+
+def test_bf16_mixed_precision_keeps_lora_fp32(tmp_path):
+    base = tiny_base()
+    config = quick_config(tmp_path, mixed_precision="bf16", max_train_steps=2)
+    train(config, base=base)
+    lora = [p for n, p in base.unet.named_parameters() if "lora_" in n]
+    frozen = [p for n, p in base.unet.named_parameters() if "lora_" not in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
+
+
+def test_fp16_without_gpu_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    from trainer.errors import TrainerError
+    with pytest.raises(TrainerError, match="fp16.*bf16"):
+        train(quick_config(tmp_path, mixed_precision="fp16"), base=tiny_base())
