@@ -45,7 +45,12 @@ class _Run:
 def make_accelerator(config: TrainConfig):
     """An accelerate.Accelerator for this config; fp16 needs a CUDA device."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
+    # accelerate keeps process-wide state; a long-lived process (the web UI) trains many runs
+    # with different precisions, so each run starts from a clean state.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainerError("mixed_precision 'fp16' needs a CUDA GPU and none was found; "
                            "use 'bf16' or 'no' on this machine.", field="mixed_precision")
@@ -165,9 +170,10 @@ def _loop(run: _Run, control: Control) -> Path:
     for m in trainable:
         m.train()
     while run.step < total and not control.stop_requested:
+        dataset.set_epoch(run.epoch)
         for batch in loader:
             with accelerator.accumulate(*trainable):
-                loss = _micro_step(base, unet, batch, config, scheduler, alphas_cumprod, noise_gen,
+                loss = diffusion_loss(base, unet, batch, config, scheduler, alphas_cumprod, noise_gen,
                                    weight_dtype, device)
                 if not torch.isfinite(loss):
                     raise TrainerError(f"The loss became {loss.item()} at step {run.step + 1}; lower the "
@@ -205,9 +211,12 @@ def _loop(run: _Run, control: Control) -> Path:
     return path
 
 
-def _micro_step(base: BaseModel, unet, batch: dict, config: TrainConfig, scheduler, alphas_cumprod,
+def diffusion_loss(base: BaseModel, unet, batch: dict, config: TrainConfig, scheduler, alphas_cumprod,
                 noise_gen: torch.Generator, weight_dtype: torch.dtype, device) -> torch.Tensor:
-    """One forward pass: encode images and captions, add noise, predict, weighted MSE."""
+    """The loss of one micro-batch: encode images and captions, add noise, predict, weighted MSE.
+
+    All randomness (VAE sample, noise, timesteps) comes from ``noise_gen``.
+    """
     pixels = batch["pixel_values"].to(device, dtype=base.vae.dtype)
     with torch.no_grad():
         latents = base.vae.encode(pixels).latent_dist.sample(generator=noise_gen)
