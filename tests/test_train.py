@@ -193,3 +193,16 @@ def test_fp16_without_gpu_is_a_clear_error(tmp_path):
     from trainer.errors import TrainerError
     with pytest.raises(TrainerError, match="fp16.*bf16"):
         train(quick_config(tmp_path, mixed_precision="fp16"), base=tiny_base())
+
+
+def test_single_file_checkpoint_loads_and_trains(tmp_path):
+    """A user's single-file .safetensors (written here in the original LDM layout) trains."""
+    from trainer.models import load_base_model, save_config_folder, save_single_file
+    tiny = tiny_base()
+    ckpt = save_single_file(tiny, tmp_path / "model.safetensors")
+    configs = save_config_folder(tiny, tmp_path / "configs")
+    base = load_base_model(str(ckpt), config_dir=str(configs))
+    assert (base.arch, base.prediction_type) == ("sd1", "epsilon")
+    path = train(quick_config(tmp_path, model=str(ckpt), max_train_steps=2), base=base)
+    tensors = load_file(path)
+    assert any(k.startswith("lora_unet_") for k in tensors)
