@@ -44,5 +44,5 @@ class ConsoleProgress:
         elif isinstance(event, Finished):
             how = "stopped" if event.stopped_early else "finished"
             self._say(f"{how} after {event.steps} steps in {event.seconds:.0f}s, final loss {event.final_loss:.4f}")
-        elif isinstance(event, Failed):
+        elif isinstance(event, Failed) and event.step > 0:
             self._say(f"failed at step {event.step}")

@@ -1,0 +1,207 @@
+"""Writing adapter files: kohya-format tensors, A1111/ComfyUI metadata (ss_*, modelspec.*), hashes.
+
+Files are written atomically. A diffusers/PEFT-format copy can be written as well.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+from .config import TrainConfig
+from .errors import TrainerError
+from .fileio import atomic_write_bytes
+from .kohya import kohya_name
+from .lora import TargetGroup, groups_from_config, lora_modules
+
+GROUPS_KEY = "lora_trainer.target_groups"   # our own key: JSON list of the trained groups
+FORMAT_KEY = "lora_trainer.format"
+_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+_MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
+                   "sdxl": "stable-diffusion-xl-v1-base"}
+
+
+def lora_state_dict(components: dict[str, nn.Module], arch: str, adapter_name: str = "default",
+                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """kohya-format tensors of adapter ``adapter_name``: lora_down (A), lora_up (B), alpha (0-d, real alpha)."""
+    unet_config = getattr(components.get("unet"), "config", None)
+    out: dict[str, torch.Tensor] = {}
+    for key, (component, layer) in lora_modules(components, adapter_name).items():
+        name = kohya_name(component, key[len(component) + 1:], arch, unet_config)
+        down = layer.lora_A[adapter_name].weight.detach()
+        up = layer.lora_B[adapter_name].weight.detach()
+        out[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha[adapter_name]), dtype=torch.float32)
+    if not out:
+        raise TrainerError(f"No LoRA layers named '{adapter_name}' in the model; inject one before exporting.",
+                           field="adapter")
+    return out
+
+
+def _tag_frequency(tag_frequency: dict, data_dir: str) -> dict[str, dict[str, int]]:
+    """kohya shape {dataset_dir: {tag: count}}; a flat {tag: count} is put under the data folder's name."""
+    if tag_frequency and all(isinstance(v, dict) for v in tag_frequency.values()):
+        return {str(k): {str(t): int(c) for t, c in v.items()} for k, v in tag_frequency.items()}
+    return {Path(data_dir).name or "dataset": {str(t): int(c) for t, c in (tag_frequency or {}).items()}}
+
+
+def build_metadata(config: TrainConfig, *, arch: str, prediction_type: str, base_name: str, resolution: int,
+                   num_images: int, steps: int, epoch: int, tag_frequency: dict, training_started_at: float,
+                   extra: dict | None = None, groups: list[TargetGroup] | None = None) -> dict[str, str]:
+    """Metadata A1111, ComfyUI and kohya tools read (all values str; JSON for dict-valued keys).
+
+    ``groups`` (the injected TargetGroups) is listed under our own key; default: from ``config``.
+    """
+    if arch not in _BASE_VERSION:
+        raise TrainerError(f"Architecture {arch!r} is not one of {', '.join(_BASE_VERSION)}.", field="arch")
+    v_pred = prediction_type == "v_prediction"
+    version = "sd_v2_v" if arch == "sd2" and v_pred else _BASE_VERSION[arch]
+    spec_arch = "stable-diffusion-v2-768-v" if arch == "sd2" and v_pred else _MODELSPEC_ARCH[arch]
+    main = config.train_unet
+    now = datetime.datetime.now().replace(microsecond=0)
+    if groups is None:  # builders only look at which components exist
+        names = ("unet", "text_encoder", "text_encoder_2") if arch == "sdxl" else ("unet", "text_encoder")
+        groups = groups_from_config(config, {n: nn.Identity() for n in names})
+    group_info = [{"name": g.name, "targets": {c: list(t) for c, t in g.targets.items()}, "rank": g.rank,
+                   "alpha": g.alpha, "lr": g.lr} for g in groups]
+    md: dict[str, Any] = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": config.rank if main else config.te_rank,
+        "ss_network_alpha": float(config.alpha if main else config.te_alpha),
+        "ss_network_args": json.dumps({"text_encoder_dim": config.te_rank,
+                                       "text_encoder_alpha": float(config.te_alpha)}
+                                      if config.train_text_encoder else {}),
+        "ss_network_train_unet_only": not config.train_text_encoder,
+        "ss_network_train_text_encoder_only": not config.train_unet,
+        "ss_base_model_version": version,
+        "ss_v2": arch == "sd2",
+        "ss_v_parameterization": v_pred,
+        "ss_sd_model_name": base_name,
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_clip_skip": "None",
+        "ss_num_train_images": num_images,
+        "ss_num_batches_per_epoch": max(1, -(-num_images * config.repeats // config.batch_size)),
+        "ss_num_epochs": config.epochs,
+        "ss_batch_size_per_device": config.batch_size,
+        "ss_total_batch_size": config.batch_size * config.gradient_accumulation_steps,
+        "ss_gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "ss_output_name": config.name,
+        "ss_training_started_at": training_started_at,
+        "ss_training_finished_at": now.timestamp(),
+        "ss_steps": steps,
+        "ss_epoch": epoch,
+        "ss_max_train_steps": config.max_train_steps,
+        "ss_tag_frequency": json.dumps(_tag_frequency(tag_frequency, config.data_dir)),
+        "ss_dataset_dirs": json.dumps({Path(config.data_dir).name or "dataset":
+                                       {"n_repeats": config.repeats, "img_count": num_images}}),
+        "ss_learning_rate": config.learning_rate,
+        "ss_unet_lr": config.learning_rate if config.train_unet else 0.0,
+        "ss_text_encoder_lr": config.text_encoder_lr if config.train_text_encoder else 0.0,
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": config.lr_warmup_steps,
+        "ss_optimizer": config.optimizer,
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_seed": config.seed,
+        "ss_min_snr_gamma": config.min_snr_gamma,
+        "ss_noise_offset": config.noise_offset,
+        "ss_caption_dropout_rate": config.caption_dropout,
+        "ss_max_grad_norm": config.max_grad_norm,
+        "ss_gradient_checkpointing": config.gradient_checkpointing,
+        "ss_flip_aug": config.random_flip,
+        "ss_prediction_type": "v" if v_pred else "epsilon",
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{spec_arch}/lora",
+        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if arch == "sdxl"
+                                     else "diffusers"),
+        "modelspec.title": config.name,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": now.isoformat(),
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        GROUPS_KEY: json.dumps(group_info),
+    }
+    if config.trigger_word:
+        md["modelspec.trigger_phrase"] = config.trigger_word
+    md.update(extra or {})
+    return {k: (v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+            for k, v in md.items()}
+
+
+def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as sd-scripts computes them: on a copy whose metadata keeps
+    only ss_* keys; model hash = sha256 of the bytes after the header, legacy = 8 hex chars of the
+    sha256 of bytes 0x100000..0x110000."""
+    data = st_save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = 8 + int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(memoryview(data)[header:]).hexdigest()
+    legacy = hashlib.sha256(memoryview(data)[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise TrainerError(f"LoRA tensor {k!r} contains NaN or inf (training diverged); lower the learning "
+                               "rate or use an earlier checkpoint.", field="learning_rate")
+        out[k] = t.detach().to("cpu", torch.float32 if k.endswith(".alpha") else dtype).contiguous()
+    return out
+
+
+def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *,
+                 dtype: torch.dtype = torch.float16) -> Path:
+    """Write a kohya-format LoRA file atomically, adding sshs_model_hash and sshs_legacy_hash.
+
+    Weights are stored as ``dtype`` (alphas stay fp32); if fp16 would overflow, fp32 is used.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise TrainerError(f"Adapter path '{path}' must end in .safetensors; rename it.", field="output")
+    out = _cast(tensors, dtype)
+    if not all(torch.isfinite(t).all() for t in out.values()):
+        out = _cast(tensors, torch.float32)
+    bad = [k for k, v in metadata.items() if not isinstance(v, str)]
+    if bad:
+        raise TrainerError(f"Metadata values must be strings; {bad[0]!r} is {type(metadata[bad[0]]).__name__}. "
+                           "Convert it with str() or json.dumps().", field="metadata")
+    md = dict(metadata)
+    md["sshs_model_hash"], md["sshs_legacy_hash"] = safetensors_hashes(out, md)
+    data = st_save(out, md)
+    return atomic_write_bytes(path, data)
+
+
+def _peft_meta(layers: list[tuple[str, nn.Module]], adapter_name: str) -> dict[str, Any]:
+    """diffusers' lora_adapter_metadata entry (LoraConfig kwargs) for one component."""
+    ranks = {p: int(m.r[adapter_name]) for p, m in layers}
+    alphas = {p: float(m.lora_alpha[adapter_name]) for p, m in layers}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
+            "rank_pattern": {p: v for p, v in ranks.items() if v != r},
+            "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha}}
+
+
+def save_diffusers_format(path: str | Path, components: dict[str, nn.Module],
+                          adapter_name: str = "default") -> Path:
+    """PEFT/diffusers keys (``unet.<path>.lora_A.weight``) with diffusers' ``lora_adapter_metadata``,
+    loadable by ``pipe.load_lora_weights``. fp32, atomic."""
+    tensors: dict[str, torch.Tensor] = {}
+    per_component: dict[str, list[tuple[str, nn.Module]]] = {}
+    for key, (component, layer) in lora_modules(components, adapter_name).items():
+        tensors[f"{key}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach().float().cpu().contiguous()
+        tensors[f"{key}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach().float().cpu().contiguous()
+        per_component.setdefault(component, []).append((key[len(component) + 1:], layer))
+    if not tensors:
+        raise TrainerError(f"No LoRA layers named '{adapter_name}' in the model; inject one before exporting.",
+                           field="adapter")
+    meta = {f"{c}.{k}": v for c, layers in per_component.items() for k, v in _peft_meta(layers, adapter_name).items()}
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(meta, indent=2, sort_keys=True),
+                FORMAT_KEY: "peft"}
+    return atomic_write_bytes(Path(path), st_save(tensors, metadata))

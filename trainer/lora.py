@@ -1,0 +1,263 @@
+"""LoRA injection through PEFT: what to adapt (TargetGroup), where (suffix matching), how (LoraConfig).
+Each group has its own rank, alpha (scale = alpha / rank, independent of rank) and learning rate;
+LoRA weights stay fp32 while the frozen base may be cast to fp16/bf16 (``cast_frozen``)."""
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .errors import TrainerError
+from .kohya import adaptable_modules
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+@dataclass(frozen=True)
+class TargetGroup:
+    """A set of modules trained with one rank/alpha/learning rate."""
+
+    name: str                              # "unet" | "text_encoder" | "projectors"
+    targets: dict[str, tuple[str, ...]]    # component -> module-path suffixes ("attn2.to_q", ...)
+    rank: int
+    alpha: float
+    lr: float
+
+
+# --- groups from the config -------------------------------------------------------------
+def _unet_group(config: TrainConfig, components: dict[str, nn.Module]) -> TargetGroup | None:
+    if not config.train_unet:
+        return None
+    return TargetGroup("unet", {"unet": tuple(config.unet_targets)}, config.rank, float(config.alpha),
+                       config.learning_rate)
+
+
+def _text_encoder_group(config: TrainConfig, components: dict[str, nn.Module]) -> TargetGroup | None:
+    if not config.train_text_encoder:
+        return None
+    targets = {c: tuple(config.text_encoder_targets) for c in ("text_encoder", "text_encoder_2")
+               if c in components}
+    return TargetGroup("text_encoder", targets, config.te_rank, float(config.te_alpha), config.text_encoder_lr)
+
+
+# The seam for more groups (next: "projectors" with its own rank/alpha/lr): add a builder here.
+GROUP_BUILDERS: tuple[Callable[[TrainConfig, dict[str, nn.Module]], TargetGroup | None], ...] = (
+    _unet_group, _text_encoder_group)
+
+
+def groups_from_config(config: TrainConfig, components: dict[str, nn.Module]) -> list[TargetGroup]:
+    """The target groups ``config`` asks for, in builder order; groups that are off are left out."""
+    return [g for build in GROUP_BUILDERS if (g := build(config, components)) is not None]
+
+
+# --- matching -----------------------------------------------------------------------------
+def _matches(path: str, suffix: str) -> bool:
+    return path == suffix or path.endswith("." + suffix)
+
+
+def _suggest(paths: list[str], pattern: str, n: int = 5) -> list[str]:
+    """A few existing module-name suffixes close to ``pattern`` (for error messages)."""
+    tails = sorted({".".join(p.split(".")[-k:]) for p in paths for k in (1, 2)})
+    close = difflib.get_close_matches(pattern, tails, n=n, cutoff=0.4)
+    return close or tails[:n]
+
+
+def match_group(group: TargetGroup, components: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """component -> module paths (Linear/Conv2d) that ``group``'s suffixes select.
+
+    A suffix that selects nothing in any of the group's components is a TrainerError.
+    """
+    out: dict[str, list[str]] = {}
+    available: list[str] = []
+    hits: Counter[str] = Counter()
+    for component, suffixes in group.targets.items():
+        if component not in components:
+            raise TrainerError(f"Target group '{group.name}' names component {component!r}, which this model "
+                               f"does not have (it has {', '.join(components)}); remove it from the group.",
+                               field=f"{group.name}_targets")
+        paths = [p for p, _ in adaptable_modules(components[component])]
+        available += paths
+        chosen = [p for p in paths if any(_matches(p, s) for s in suffixes)]
+        for s in suffixes:
+            hits[s] += sum(_matches(p, s) for p in paths)
+        if chosen:
+            out[component] = chosen
+    patterns = sorted({s for suffixes in group.targets.values() for s in suffixes})
+    unmatched = [s for s in patterns if hits[s] == 0]
+    if unmatched or not out:
+        shown = ", ".join(_suggest(available, (unmatched or patterns)[0]))
+        raise TrainerError(f"Target group '{group.name}': {', '.join(map(repr, unmatched or patterns))} match no "
+                           f"Linear/Conv2d module in {', '.join(group.targets)}; existing names end with e.g. "
+                           f"{shown}. Fix the {group.name} targets.", field=f"{group.name}_targets")
+    return out
+
+
+# --- injection ----------------------------------------------------------------------------
+def exact_pattern(path: str) -> str:
+    """A PEFT rank/alpha_pattern key matching exactly this module path (PEFT prepends ``(.*\\.)?``)."""
+    return "^" + re.escape(path)
+
+
+def lora_config_for(paths: dict[str, tuple[int, float]], **kwargs) -> LoraConfig:
+    """One LoraConfig adapting exactly ``paths`` ({module_path: (rank, alpha)}), per-module patterns."""
+    from peft import LoraConfig
+    r = Counter(ra[0] for ra in paths.values()).most_common(1)[0][0]
+    alpha = Counter(ra[1] for ra in paths.values()).most_common(1)[0][0]
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(paths),
+                      rank_pattern={exact_pattern(p): ra[0] for p, ra in paths.items() if ra[0] != r},
+                      alpha_pattern={exact_pattern(p): ra[1] for p, ra in paths.items() if ra[1] != alpha},
+                      **kwargs)
+
+
+def _lora_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def inject_peft(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    """peft.inject_adapter_in_model, keeping the other adapters' active state and requires_grad.
+
+    PEFT activates only the new adapter everywhere and re-flags grads; here every layer keeps
+    its previously active adapters and gains ``adapter_name`` where it was added.
+    """
+    from peft import inject_adapter_in_model
+    before = {id(m): list(m.active_adapters) for m in _lora_layers(model)}
+    flags = [(p, p.requires_grad) for m in _lora_layers(model) for part in _LORA_PARTS
+             for p in getattr(m, part).parameters()]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*peft_config.*attribute in the model.*")
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    new_flag = not config.inference_mode
+    for m in _lora_layers(model):
+        active = [a for a in before.get(id(m), []) if a in m.lora_A and a != adapter_name]
+        if adapter_name in m.lora_A:
+            for part in _LORA_PARTS:
+                container = getattr(m, part)
+                if adapter_name in container:
+                    container[adapter_name].requires_grad_(new_flag)
+            active.append(adapter_name)
+        set_active(m, active)
+
+
+def inject(components: dict[str, nn.Module], groups: Iterable[TargetGroup],
+           adapter_name: str = "default") -> dict[str, list[nn.Parameter]]:
+    """Freeze everything, add LoRA ``adapter_name`` (B = 0: outputs unchanged) for each group.
+
+    Returns group name -> its trainable fp32 LoRA parameters (for per-group learning rates).
+    """
+    groups = list(groups)
+    owner: dict[tuple[str, str], TargetGroup] = {}
+    for group in groups:
+        if group.rank < 1 or group.alpha <= 0:
+            raise TrainerError(f"Target group '{group.name}' has rank {group.rank} and alpha {group.alpha}; "
+                               "rank must be 1 or more and alpha above 0.",
+                               field="rank" if group.name == "unet" else f"{group.name}_rank")
+        for component, paths in match_group(group, components).items():
+            for path in paths:
+                other = owner.setdefault((component, path), group)
+                if other is not group:
+                    raise TrainerError(f"Module {component}.{path} is targeted by groups '{other.name}' and "
+                                       f"'{group.name}'; remove it from one of them.", field=f"{group.name}_targets")
+    for model in components.values():
+        model.requires_grad_(False)
+    delete_adapter(components, adapter_name)
+    per_component: dict[str, dict[str, tuple[int, float]]] = {}
+    for (component, path), group in owner.items():
+        per_component.setdefault(component, {})[path] = (group.rank, float(group.alpha))
+    for component, paths in per_component.items():
+        inject_peft(components[component], lora_config_for(paths, init_lora_weights=True), adapter_name)
+    layers = lora_modules(components, adapter_name)
+    params: dict[str, list[nn.Parameter]] = {g.name: [] for g in groups}
+    for (component, path), group in owner.items():
+        layer = layers[f"{component}.{path}"][1]
+        for part in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
+            part.float()
+            for p in part.parameters():
+                p.requires_grad_(True)
+                params[group.name].append(p)
+    return params
+
+
+def lora_modules(components: dict[str, nn.Module],
+                 adapter_name: str = "default") -> dict[str, tuple[str, nn.Module]]:
+    """Map "component.module_path" -> (component, PEFT LoraLayer) for layers holding ``adapter_name``."""
+    from peft.tuners.lora import LoraLayer
+    out = {}
+    for component, model in components.items():
+        for path, layer in adaptable_modules(model):
+            if isinstance(layer, LoraLayer) and adapter_name in layer.lora_A:
+                out[f"{component}.{path}"] = (component, layer)
+    return out
+
+
+def delete_adapter(components: dict[str, nn.Module], adapter_name: str) -> int:
+    """Remove ``adapter_name`` everywhere; layers left with no adapter get their plain module back."""
+    from peft.tuners.lora import LoraLayer
+    removed = 0
+    for model in components.values():
+        before = removed
+        for path, layer in list(adaptable_modules(model)):
+            if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
+                continue
+            active = [a for a in layer.active_adapters if a != adapter_name]
+            layer.delete_adapter(adapter_name)
+            removed += 1
+            if layer.lora_A:
+                set_active(layer, active)
+            else:  # unwrap: put the original Linear/Conv2d back
+                parent_path, _, child = path.rpartition(".")
+                parent = model.get_submodule(parent_path) if parent_path else model
+                setattr(parent, child, layer.get_base_layer())
+        if removed > before and isinstance(getattr(model, "peft_config", None), dict):
+            model.peft_config.pop(adapter_name, None)
+    return removed
+
+
+def set_active(layer: nn.Module, names: list[str]) -> None:
+    """Set a layer's active adapters without changing any LoRA parameter's requires_grad."""
+    flags = [(p, p.requires_grad) for part in _LORA_PARTS for p in getattr(layer, part).parameters()]
+    layer.set_adapter(names)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+def cast_frozen(components: dict[str, nn.Module], dtype: torch.dtype) -> None:
+    """Cast every non-LoRA floating weight/buffer to ``dtype``; LoRA parameters stay (or become) fp32."""
+    from peft.tuners.lora import LoraLayer
+    lora_ids = set()
+    for model in components.values():
+        for m in model.modules():
+            if isinstance(m, LoraLayer):
+                for part in _LORA_PARTS:
+                    lora_ids.update(id(p) for p in getattr(m, part).parameters())
+    for model in components.values():
+        for p in model.parameters():
+            want = torch.float32 if id(p) in lora_ids else dtype
+            if p.is_floating_point() and p.dtype != want:
+                p.data = p.data.to(want)
+        for m in model.modules():
+            for name, b in m.named_buffers(recurse=False):
+                if b is not None and b.is_floating_point() and b.dtype != dtype:
+                    setattr(m, name, b.to(dtype))
+
+
+def count_trainable(components: dict[str, nn.Module]) -> int:
+    """Number of trainable parameter elements across the components (shared tensors counted once)."""
+    seen: dict[int, int] = {}
+    for model in components.values():
+        for p in model.parameters():
+            if p.requires_grad:
+                seen[id(p)] = p.numel()
+    return sum(seen.values())
