@@ -206,3 +206,20 @@ def test_single_file_checkpoint_loads_and_trains(tmp_path):
     path = train(quick_config(tmp_path, model=str(ckpt), max_train_steps=2), base=base)
     tensors = load_file(path)
     assert any(k.startswith("lora_unet_") for k in tensors)
+
+
+def test_unexpected_failure_keeps_the_adapter_so_far(tmp_path):
+    from trainer.events import Failed
+    events = []
+
+    def listener(event):
+        events.append(event)
+        if isinstance(event, Progress) and event.step == 2:
+            raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train(quick_config(tmp_path, max_train_steps=10), base=tiny_base(), listeners=[listener])
+    kept = tmp_path / "run" / "lora-step000002-interrupted.safetensors"
+    assert kept.is_file() and load_file(kept)
+    failed = events[-1]
+    assert isinstance(failed, Failed) and failed.step == 2 and str(kept) in failed.message

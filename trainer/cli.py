@@ -6,6 +6,7 @@ prints errors as one readable line (no traceback). `train` prints the adapter pa
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -151,6 +152,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Library chatter (optional-dependency notices) is not for the console; our own events are.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     command = {"train": cmd_train, "generate": cmd_generate, "report": cmd_report, "presets": cmd_presets}
     try:
         return command[args.command](args)

@@ -133,7 +133,9 @@ def _loop(run: _Run, control: Control) -> Path:
     base.to(device)
     cast_frozen(components, weight_dtype)
     # fp16 VAEs overflow into NaN latents; the VAE stays fp32 unless bf16 is asked for.
-    base.vae.to(dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32)
+    vae_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+    if base.vae.dtype != vae_dtype:
+        base.vae.to(dtype=vae_dtype)
     trainable = [m for name, m in components.items()
                  if any(p.requires_grad for p in m.parameters())]
     if config.gradient_checkpointing:
@@ -259,15 +261,20 @@ def _enable_checkpointing(base: BaseModel) -> None:
             te.config.use_cache = False
 
 
+def _metadata(run: _Run) -> dict[str, str]:
+    cfg, base = run.config, run.base
+    batches = schedules.steps_per_epoch(run.report.num_samples * cfg.repeats, cfg.batch_size, 1)
+    return build_metadata(cfg, arch=base.arch, prediction_type=base.prediction_type, base_name=base.name,
+                          resolution=cfg.resolution, num_images=run.num_images, steps=run.step, epoch=run.epoch,
+                          tag_frequency=run.tag_frequency, training_started_at=run.started_at,
+                          extra={"ss_num_batches_per_epoch": str(batches)})
+
+
 def _save(run: _Run, *, final: bool) -> Path:
     cfg, base = run.config, run.base
     stem = cfg.name if final else f"{cfg.name}-step{run.step:06d}"
-    metadata = build_metadata(cfg, arch=base.arch, prediction_type=base.prediction_type, base_name=base.name,
-                              resolution=cfg.resolution, num_images=run.num_images, steps=run.step,
-                              epoch=run.epoch, tag_frequency=run.tag_frequency,
-                              training_started_at=run.started_at)
     path = save_adapter(run.run_dir / f"{stem}.safetensors", lora_state_dict(base.components(), base.arch),
-                        metadata)
+                        _metadata(run))
     if final and cfg.export_diffusers:
         save_diffusers_format(run.run_dir / f"{stem}-diffusers.safetensors", base.components())
     run.emit(Saved(step=run.step, path=str(path), final=final))
@@ -278,15 +285,9 @@ def _save_interrupted(run: _Run) -> Path | None:
     """Best effort after an unexpected failure: write the LoRA so far under a distinct name."""
     try:
         tensors = lora_state_dict(run.base.components(), run.base.arch)
-        if not all(torch.isfinite(t).all() for t in tensors.values()):
-            return None
-        metadata = build_metadata(run.config, arch=run.base.arch, prediction_type=run.base.prediction_type,
-                                  base_name=run.base.name, resolution=run.config.resolution,
-                                  num_images=run.num_images, steps=run.step, epoch=run.epoch,
-                                  tag_frequency=run.tag_frequency, training_started_at=run.started_at)
         return save_adapter(run.run_dir / f"{run.config.name}-step{run.step:06d}-interrupted.safetensors",
-                            tensors, metadata)
-    except Exception:  # saving is a courtesy here; the original error is what gets reported
+                            tensors, _metadata(run))
+    except Exception:  # saving is a courtesy here (save_adapter refuses NaN weights); the original error is reported
         return None
 
 
