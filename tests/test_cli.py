@@ -24,9 +24,11 @@ def make_data(folder: Path, n: int = 3) -> Path:
 
 
 def assert_one_error_line(err: str) -> None:
-    lines = err.strip().splitlines()
-    assert lines[-1].startswith("error: ") and "Traceback" not in err, err
-    assert sum(line.startswith("error: ") for line in lines) == 1, err
+    """Exactly one 'error:' line, only indented continuation lines after it, no traceback."""
+    lines = err.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert len(starts) == 1 and "Traceback" not in err, err
+    assert all(line.startswith(" ") for line in lines[starts[0] + 1:]), err
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -33,8 +33,8 @@ class ConsoleProgress:
                 self.bar = tqdm(total=event.total_steps, unit="step", file=sys.stderr, dynamic_ncols=True)
         elif isinstance(event, Progress):
             if self.bar is not None:
+                self.bar.set_postfix(loss=f"{event.avg_loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
                 self.bar.update(event.step - self.bar.n)
-                self.bar.set_postfix(loss=f"{event.avg_loss:.4f}", lr=f"{event.lr:.2e}")
         elif isinstance(event, Log):
             self._say(event.message)
         elif isinstance(event, Saved):

@@ -24,4 +24,8 @@ class ConfigError(TrainerError):
         self.errors = dict(errors)
         lines = [f"{field}: {msg}" for field, msg in self.errors.items()]
         first = next(iter(self.errors), None)
-        super().__init__("Invalid settings:\n  " + "\n  ".join(lines), field=first)
+        if len(lines) == 1:
+            text = f"Invalid setting {lines[0]}"
+        else:
+            text = "Invalid settings:\n  " + "\n  ".join(lines)
+        super().__init__(text, field=first)
