@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="check a dataset folder before training")
     r.add_argument("--data", required=True)
     r.add_argument("--trigger", default="")
-    r.add_argument("--resolution", type=int, default=512)
+    r.add_argument("--resolution", type=int, default=0,
+                   help="warn about images smaller than this (default 0: no size check)")
 
     sub.add_parser("presets", help="list the presets")
     return parser

@@ -76,9 +76,10 @@ class DatasetReport:
                      + f"{sources['empty']} empty")
         if self.items:
             s = self.sizes
+            small = (f"; {s['smaller_than_resolution']} smaller than {self.resolution} px"
+                     if self.resolution else "")
             lines.append(f"Sizes: {s['min_width']}-{s['max_width']} px wide, {s['min_height']}-"
-                         f"{s['max_height']} px high; {s['smaller_than_resolution']} smaller than "
-                         f"{self.resolution} px")
+                         f"{s['max_height']} px high{small}")
         lines.append(f"Unreadable: {len(self.unreadable)}, duplicates: {len(self.duplicates)}, "
                      f"orphan captions: {len(self.orphan_captions)}")
         if self.tag_frequency:
