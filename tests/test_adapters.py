@@ -15,14 +15,6 @@ from trainer.export import lora_state_dict, save_adapter
 from trainer.lora import lora_modules
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def two_files(tmp_path_factory):
     """Two SD1 LoRA files (different seeds, ranks, alphas; B covers fewer modules) and the base."""

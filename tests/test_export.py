@@ -22,14 +22,6 @@ from trainer.export import build_metadata, lora_state_dict, save_adapter, save_d
 from trainer.lora import groups_from_config, inject, lora_modules
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def trained(arch: str, *, rank: int = 4, alpha: float = 2.0, seed: int = 1, te: bool = True,
             extra_targets: tuple[str, ...] = ("proj_in", "ff.net.2")) -> tuple[dict, dict, TrainConfig]:
     """(trained components with random non-zero A and B, untouched base copy, config)."""

@@ -12,15 +12,6 @@ from trainer.kohya import kohya_name, module_name_map, sgm_unet_path
 from trainer.lora import TargetGroup, cast_frozen, count_trainable, groups_from_config, inject, lora_modules
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (30x slower on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def components(tiny: dict) -> dict:
     out = {"unet": tiny["unet"], "text_encoder": tiny["text_encoders"][0]}
     if len(tiny["text_encoders"]) > 1:

@@ -18,15 +18,6 @@ from trainer.models import (CONFIGS_DIR, BaseModel, detect_checkpoint, encode_pr
                             save_config_folder, save_single_file)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run many times faster single-threaded on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cache_home(tmp_path_factory):
     """The built-in model's weight cache goes to a temp dir, built once for this module."""
