@@ -35,8 +35,14 @@ class Renderer:
     _pipe: object | None = None
 
     @classmethod
-    def load(cls, model: str = "builtin", **kwargs) -> "Renderer":
-        return cls(load_base_model(model, **kwargs))
+    def load(cls, model: str = "builtin", *, device: str = "auto", **kwargs) -> "Renderer":
+        """Load ``model``; "auto" renders on a CUDA GPU in fp16 when there is one, else CPU fp32."""
+        base = load_base_model(model, **kwargs)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device != "cpu":
+            base.to(device, torch.float16 if device.startswith("cuda") else None)
+        return cls(base)
 
     @property
     def pipeline(self):
