@@ -1,0 +1,159 @@
+"""Step 1, Dataset: drop images (+ .txt captions, or a .zip), edit a caption per image, bulk edits, report."""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import Callable
+
+import gradio as gr
+
+from app.common import guard, notice
+from app.service import Service
+
+UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".txt", ".zip"]
+
+
+@dataclass
+class DatasetTab:
+    items: gr.State          # {"run": str, "items": [(name, path, caption)]}
+    report: gr.HTML
+    status: gr.HTML
+    trigger: gr.Textbox      # the run's trigger word (TrainConfig.trigger_word lives here, next to captions)
+    connect: Callable[[list[gr.components.Component]], None]   # wires events once the Train tab exists
+
+
+def refresh(service: Service, run: str, trigger: str = "", resolution: int = 0, model: str = ""):
+    """(items state, report html) for a run; other parts of the page chain to this."""
+    return _state(service, run), _report_html(service, run, trigger, resolution, model)
+
+
+def _state(service: Service, run: str) -> dict:
+    try:
+        return {"run": run, "items": service.dataset_items(run)}
+    except Exception:  # noqa: BLE001 - an unusable run name shows an empty dataset, the run box says why
+        return {"run": run, "items": []}
+
+
+def _report_html(service: Service, run: str, trigger: str = "", resolution: int = 0, model: str = "") -> str:
+    try:
+        r = service.dataset_report(run, trigger or "", int(resolution or 0), model)
+    except Exception as err:  # noqa: BLE001 - the report is advisory; show why it failed instead
+        return notice(f"The dataset report failed: {err}", "error")
+    if not r.get("num_images") and not r.get("unreadable"):
+        return notice(r["text"], "info")
+    s = r["sizes"]
+    stats = [("images", r["num_images"], not 30 <= r["num_images"] <= 50),
+             ("missing captions", len(r["missing_captions"]), bool(r["missing_captions"])),
+             ("unreadable", len(r["unreadable"]), bool(r["unreadable"])),
+             ("duplicates", len(r["duplicates"]), bool(r["duplicates"])),
+             (f"smaller than {r['resolution']} px", len(r["small"]), bool(r["small"]))]
+    chips = "".join(f'<span class="stat{" stat-warn" if bad else ""}"><b>{n}</b> {html.escape(what)}</span>'
+                    for what, n, bad in stats)
+    sizes = (f'<span class="stat">sizes <b>{s.get("min_width")}–{s.get("max_width")}</b> × '
+             f'<b>{s.get("min_height")}–{s.get("max_height")}</b> px</span>') if s else ""
+    warns = "".join(notice(w, "warn") for w in r.get("warnings", []))
+    ok = notice("No problems found: ready to train.", "ok") if not r.get("warnings") else ""
+    return (f'<div class="report"><div class="report-title">Dataset report</div>{chips}{sizes}</div>'
+            f"{warns}{ok}")
+
+
+def build(service: Service, run: gr.Dropdown) -> DatasetTab:
+    gr.Markdown("Drop **30–50 images** of your subject or style. A `.txt` caption with the same file name "
+                "as an image is matched to it (or write captions below); a `.zip` works too. Everything is "
+                "saved in the run folder, so reloading the page loses nothing.")
+    with gr.Row(equal_height=True):
+        upload = gr.File(label="Drop images, .txt captions or a .zip here", file_count="multiple",
+                         file_types=UPLOAD_TYPES, elem_id="dataset-upload", height=150, scale=3)
+        with gr.Column(scale=2):
+            trigger = gr.Textbox(label="Trigger word", placeholder="e.g. zkw", elem_id="trigger-word",
+                                 info="A rare word that calls up your subject. It is put first in every "
+                                      "caption when training (and alone when an image has none).")
+            with gr.Group():
+                folder = gr.Textbox(label="…or import a folder on the server", placeholder="/data/my-images",
+                                    elem_id="dataset-folder")
+                import_btn = gr.Button("Import folder", size="sm", elem_id="import-btn")
+    status = gr.HTML(elem_id="dataset-status")
+    report = gr.HTML(elem_id="dataset-report")
+    with gr.Accordion("Bulk caption edits", open=False, elem_id="bulk-accordion"):
+        with gr.Row(equal_height=True):
+            prefix_btn = gr.Button("Write the trigger word into every caption", size="sm")
+            clear_btn = gr.Button("Delete all captions", size="sm", variant="stop")
+        with gr.Row(equal_height=True):
+            find = gr.Textbox(label="Find", scale=2)
+            replace = gr.Textbox(label="Replace with", scale=2)
+            replace_btn = gr.Button("Replace in all captions", size="sm", scale=1)
+    items = gr.State({"run": "", "items": []})
+
+    @gr.render(inputs=[items])
+    def cards(state: dict):
+        run_name, rows = state.get("run", ""), state.get("items", [])
+        if not rows:
+            gr.Markdown("*No images in this run yet.*")
+            return
+        gr.Markdown(f"**{len(rows)} images.** Edit a caption and click elsewhere (or press Enter) to save it.")
+        for start in range(0, len(rows), 5):
+            with gr.Row(equal_height=True):
+                for name, path, caption in rows[start:start + 5]:
+                    with gr.Column(min_width=150, elem_classes=["caption-card"]):
+                        gr.Image(path, show_label=False, height=140, interactive=False, buttons=[],
+                                 container=False, key=f"img-{name}")
+                        gr.HTML(f'<div class="file-name">{html.escape(name)}</div>', key=f"name-{name}")
+                        box = gr.Textbox(caption, show_label=False, lines=2, max_lines=6, key=f"cap-{name}",
+                                         placeholder="no caption (the trigger word is used)",
+                                         elem_classes=["caption-box"], interactive=True)
+                        remove = gr.Button("Remove", size="sm", elem_classes=["remove-btn"], key=f"rm-{name}")
+
+                        def save(text: str, _name: str = name) -> str:
+                            service.set_caption(run_name, _name, text)
+                            return notice(f"Saved the caption of {_name}.", "ok")
+
+                        def drop(_name: str = name):
+                            service.remove_image(run_name, _name)
+                            return _state(service, run_name), notice(f"Removed {_name}.", "ok")
+
+                        box.blur(guard(save), [box], [status], show_progress="hidden")
+                        box.submit(guard(save), [box], [status], show_progress="hidden")
+                        remove.click(guard(drop), None, [items, status])
+                for pad in range(5 - len(rows[start:start + 5])):  # keep the last row's cards card-sized
+                    gr.Column(min_width=150, key=f"pad-{pad}")
+
+    def connect(settings: list[gr.components.Component]) -> None:
+        """``settings`` = [resolution, model] from the Train tab: the report checks sizes against them."""
+        ctx = [run, trigger, *settings]
+        outs = [status, items, report]
+
+        @guard
+        def on_upload(files: list[str] | None, run_name: str, trig: str, res, model: str):
+            note = service.add_files(run_name, files or [])
+            return (None, notice(note, "ok"), _state(service, run_name),
+                    _report_html(service, run_name, trig, res, model))
+
+        @guard
+        def on_import(path: str, run_name: str, trig: str, res, model: str):
+            note = service.import_folder(run_name, path)
+            return notice(note, "ok"), _state(service, run_name), _report_html(service, run_name, trig, res, model)
+
+        def bulk(action: str):
+            @guard
+            def handler(run_name: str, trig: str, res, model: str, a: str = "", b: str = ""):
+                if action == "prefix":
+                    msg = f"Put '{trig.strip()}' first in {service.bulk_prefix(run_name, trig)} caption(s)."
+                elif action == "replace":
+                    msg = f"Replaced '{a}' in {service.bulk_replace(run_name, a, b)} caption(s)."
+                else:
+                    msg = f"Deleted {service.bulk_clear(run_name)} caption file(s)."
+                return (notice(msg, "ok"), _state(service, run_name),
+                        _report_html(service, run_name, trig, res, model))
+            return handler
+
+        def on_report(run_name: str, trig: str, res, model: str):
+            return _report_html(service, run_name, trig, res, model)
+
+        upload.upload(on_upload, [upload, *ctx], [upload, *outs])
+        import_btn.click(on_import, [folder, *ctx], outs)
+        prefix_btn.click(bulk("prefix"), ctx, outs)
+        replace_btn.click(bulk("replace"), [*ctx, find, replace], outs)
+        clear_btn.click(bulk("clear"), ctx, outs)
+        trigger.blur(on_report, ctx, [report], show_progress="hidden")
+
+    return DatasetTab(items=items, report=report, status=status, trigger=trigger, connect=connect)

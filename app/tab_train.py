@@ -1,0 +1,274 @@
+"""Step 2, Train: a form generated from TrainConfig (presets fill every field), Start/Stop, and live
+progress (bar, loss chart, samples, log) polled from the service's job so a reload reattaches.
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from app.common import fmt_seconds, guard, label, notice
+from app.service import FieldSpec, JobSnapshot, Service, TrainerError
+
+# Fields shown up front, in this order; every other field goes to the Advanced accordion by section.
+ESSENTIALS = ("rank", "alpha", "learning_rate", "text_encoder_lr", "max_train_steps", "epochs", "batch_size",
+              "resolution", "seed")
+MODEL_SOURCES = ("Built-in demo model", "Local file or folder", "Hugging Face hub id")
+CHART_POINTS = 400
+
+
+@dataclass
+class TrainTab:
+    fields: dict[str, gr.components.Component]    # TrainConfig field -> input (trigger_word is external)
+    names: list[str]                              # field order of ``inputs`` after the run box
+    progress: gr.HTML
+    timer: gr.Timer
+    preset: gr.Dropdown
+
+
+def _component(spec: FieldSpec, value: Any, **extra: Any) -> gr.components.Component:
+    """The input for one TrainConfig field, chosen by its type (``value`` is a form value)."""
+    kw = dict(label=label(spec.name), info=spec.help or None, elem_id=f"field-{spec.name}")
+    kw.update(extra)
+    if spec.kind == "bool":
+        return gr.Checkbox(value=value, **kw)
+    if spec.kind == "choice":
+        return gr.Dropdown(choices=list(spec.choices), value=value, **kw)
+    if spec.kind == "int":
+        return gr.Number(value=value, precision=0, **kw)
+    if spec.kind == "float":
+        return gr.Number(value=value, **kw)
+    if spec.kind == "list":
+        return gr.Textbox(value=value, lines=2, max_lines=8, **kw)
+    return gr.Textbox(value=value, **kw)
+
+
+def _model_source(model: str) -> str:
+    if not model or model == "builtin":
+        return MODEL_SOURCES[0]
+    if model.startswith(("/", ".", "~")) or "\\" in model or model.endswith((".safetensors", ".ckpt")):
+        return MODEL_SOURCES[1]
+    return MODEL_SOURCES[2]
+
+
+def _scale_html(rank: Any, alpha: Any) -> str:
+    try:
+        value = f"<b>{float(alpha) / float(rank):.3g}</b>"
+    except (TypeError, ValueError, ZeroDivisionError):
+        value = "–"
+    return (f'<div class="scale-readout">LoRA scale = alpha / rank = {value}<br><small>rank sets capacity '
+            "(16-32 typical); alpha/rank sets strength (0.5 common)</small></div>")
+
+
+def progress_html(s: JobSnapshot) -> str:
+    if s.state == "idle":
+        return notice("No training yet. Check the settings above, then press Start.", "info")
+    pct = 100.0 * s.step / s.total_steps if s.total_steps else 0.0
+    title = {"starting": "Starting (loading the data and the base model)…", "running": "Training",
+             "stopping": "Stopping after this step, then saving…", "finished": "Finished",
+             "stopped": "Stopped early (adapter saved)", "failed": "Failed"}[s.state]
+    loss = f"loss <b>{s.loss:.4f}</b> (avg {s.avg_loss:.4f})" if s.loss is not None else "loss –"
+    speed = f"<b>{s.it_per_s:.2f}</b> it/s" if s.it_per_s else "– it/s"
+    eta = f"ETA <b>{fmt_seconds(s.eta_s)}</b>" if s.active else f"took {fmt_seconds(s.seconds)}"
+    parts = [f'<div class="progress-card state-{s.state}" data-state="{s.state}" data-step="{s.step}">',
+             f'<div class="progress-head"><span>{title} — run <b>{html.escape(s.run)}</b></span>'
+             f'<span class="progress-steps">step <b>{s.step}</b> / {s.total_steps or "?"}</span></div>',
+             f'<div class="bar"><div class="fill" style="width:{pct:.1f}%"></div></div>',
+             f'<div class="progress-stats">{loss} · {speed} · {eta} · epoch {s.epoch + 1}</div></div>']
+    if s.state in ("finished", "stopped") and s.result:
+        parts.append(notice(f"Adapter saved: {s.result}\nTry it on the Preview tab, or download it on the "
+                            "Export tab.", "ok"))
+    if s.state == "failed":
+        parts.append(notice(s.error or "Training failed; see the log below.", "error"))
+    return "".join(parts)
+
+
+def loss_frame(s: JobSnapshot) -> pd.DataFrame | None:
+    """The chart's data: loss and its running average per step (None before the first step: Gradio's
+    LinePlot keeps an empty colour legend forever when its first frame has no rows)."""
+    hist = s.history
+    if not hist:
+        return None
+    if len(hist) > CHART_POINTS:  # keep the chart light: evenly spaced points, always the last one
+        stride = len(hist) / CHART_POINTS
+        hist = tuple(hist[int(i * stride)] for i in range(CHART_POINTS)) + (hist[-1],)
+    return pd.DataFrame({
+        "step": pd.Series([h[0] for h in hist] * 2, dtype="int64"),
+        "loss": pd.Series([h[1] for h in hist] + [h[2] for h in hist], dtype="float64"),
+        "series": pd.Series(["loss"] * len(hist) + ["running average"] * len(hist), dtype="str")})
+
+
+def build(service: Service, run: gr.Dropdown, trigger: gr.Textbox) -> TrainTab:
+    specs = {s.name: s for s in service.fields()}
+    presets = service.presets()
+    first = "quick" if service.default_model == "builtin" and "quick" in presets else None
+    start_values = service.preset_form(first) if first else service.default_form()
+    fields: dict[str, gr.components.Component] = {}
+    look: dict[str, tuple[str | None, list[str]]] = {"trigger_word": (trigger.info, [])}  # field -> (info, classes)
+
+    def make(name: str, **extra: Any) -> gr.components.Component:
+        fields[name] = _component(specs[name], start_values[name], **extra)
+        look[name] = (extra.get("info", specs[name].help or None), list(extra.get("elem_classes", [])))
+        return fields[name]
+
+    def styled(name: str, error: str | None = None) -> dict:
+        """A field's info line and classes: its help, or the validation error in red."""
+        info, classes = look[name]
+        if error:
+            return gr.update(info=f"⚠ {error}", elem_classes=[*classes, "field-invalid"])
+        return gr.update(info=info, elem_classes=classes)
+
+    with gr.Row(equal_height=True):
+        with gr.Column(scale=3):
+            source = gr.Radio(list(MODEL_SOURCES), value=_model_source(start_values["model"]), label="Base model",
+                              elem_id="model-source")
+            make("model", show_label=False, info="'builtin', a .safetensors/.ckpt file or diffusers folder on "
+                 "this server, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 (needs internet).")
+        with gr.Column(scale=2):
+            preset = gr.Dropdown(choices=[(f"{n} — {d}" if d else n, n) for n, d in presets.items()], value=first,
+                                 label="Preset (fills every setting)", elem_id="preset")
+            make("name")
+    with gr.Group(elem_classes=["key-settings"]):
+        with gr.Row(equal_height=True):
+            make("rank", elem_classes=["key-field"])
+            make("alpha", elem_classes=["key-field"])
+            scale = gr.HTML(_scale_html(start_values["rank"], start_values["alpha"]), elem_id="lora-scale")
+        with gr.Row(equal_height=True):
+            for name in ESSENTIALS[2:5]:
+                make(name)
+        with gr.Row(equal_height=True):
+            for name in ESSENTIALS[5:]:
+                make(name)
+    gr.Markdown("**What to train**")
+    with gr.Row(equal_height=True):
+        for text, name, note, available in service.target_groups():
+            if available:
+                make(name, label=text, info=note)
+            else:  # the seam for layer groups the trainer does not offer yet: visible, honest, inert
+                gr.Checkbox(False, label=f"{text} (coming)", info=note, interactive=False,
+                            elem_id=f"target-{name}")
+    with gr.Row(equal_height=True):
+        make("sample_every_n_steps")
+        make("sample_prompts")
+    shown = set(fields) | {"trigger_word"}
+    with gr.Accordion("Advanced settings (every option)", open=False, elem_id="advanced") as advanced:
+        sections: dict[str, list[str]] = {}
+        for name, spec in specs.items():
+            if name not in shown:
+                sections.setdefault(spec.section or "other", []).append(name)
+        for section, names in sections.items():
+            gr.Markdown(f"**{section.capitalize()}**")
+            for start in range(0, len(names), 3):
+                with gr.Row(equal_height=True):
+                    for name in names[start:start + 3]:
+                        make(name)
+    with gr.Accordion("Save these settings as a preset", open=False):
+        with gr.Row(equal_height=True):
+            preset_name = gr.Textbox(label="Preset name", placeholder="my-style", scale=1)
+            preset_desc = gr.Textbox(label="Description", placeholder="what it is for", scale=3)
+            save_preset = gr.Button("Save preset", size="sm", scale=1)
+    with gr.Row():
+        start = gr.Button("Start training", variant="primary", elem_id="start-btn", scale=3)
+        stop = gr.Button("Stop", variant="stop", elem_id="stop-btn", interactive=False, scale=1)
+        sample_now = gr.Button("Sample now", size="sm", scale=1)
+        save_now = gr.Button("Save now", size="sm", scale=1)
+    form_notice = gr.HTML(elem_id="train-notice")
+    progress = gr.HTML(progress_html(JobSnapshot()), elem_id="train-progress")
+    with gr.Row(equal_height=True):
+        chart = gr.LinePlot(None, x="step", y="loss", color="series", color_title="", label="Loss",
+                            elem_id="loss-plot", x_title="step", y_title="loss", scale=3)
+        samples = gr.Gallery(label="Samples during training", columns=3, height=280, elem_id="train-samples",
+                             scale=2)
+    log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
+    timer = gr.Timer(1.0)
+    seen = gr.State(-1)
+
+    # -- wiring ----------------------------------------------------------------------------
+    names = [n for n in specs if n in fields or n == "trigger_word"]
+    inputs = [fields[n] if n != "trigger_word" else trigger for n in names]
+    as_values = lambda values: dict(zip(names, values))  # noqa: E731
+
+    def fill(values: dict[str, Any] | None) -> list[Any]:
+        if values is None:
+            return [gr.skip()] * len(names)
+        return [{**styled(n), "value": values[n]} if n in values else gr.skip() for n in names]
+
+    def on_preset(name: str | None, *values):
+        if not name:
+            return fill(None)
+        return fill(service.preset_form(name, as_values(values)))
+
+    def on_run(run_name: str):
+        try:
+            return fill(service.saved_form(run_name))
+        except Exception:  # noqa: BLE001 - a run without saved settings keeps the form as it is
+            return fill(None)
+
+    @guard
+    def on_start(run_name: str, *values):
+        errors = service.validate_form(as_values(values))
+        updates = [styled(n, errors.get(n)) for n in names]
+        if errors:
+            text = "Fix these settings first:\n" + "\n".join(f"{label(k)}: {v}" for k, v in errors.items())
+            hidden = any(k in errors for k in sections_fields)
+            return [notice(text, "error"), gr.update(open=True) if hidden else gr.skip(), *updates]
+        try:
+            config = service.start_training(run_name, as_values(values))
+        except TrainerError as err:  # shown inline (and as a toast); raising would mark every field red
+            gr.Warning(str(err), title="Not started")
+            return [notice(str(err), "error"), gr.skip(), *updates]
+        return [notice(f"Started: {config.output_dir}", "ok"), gr.skip(), *updates]
+
+    sections_fields = {n for n in fields if n not in shown}
+
+    def on_stop():
+        stopped = service.jobs.stop()
+        return notice("Stopping after the current step; the adapter will still be saved." if stopped
+                      else "No training is running.", "warn" if stopped else "info")
+
+    def on_request(what: str):
+        def handler():
+            ok = service.jobs.request(what)
+            return notice(f"{what.capitalize()} requested for the next step." if ok else "No training is running.",
+                          "info")
+        return handler
+
+    @guard
+    def on_save_preset(pname: str, pdesc: str, *values):
+        path = service.save_preset(as_values(values), pname, pdesc)
+        choices = [(f"{n} — {d}" if d else n, n) for n, d in service.presets().items()]
+        return notice(f"Saved preset '{pname.strip()}' to {path}.", "ok"), gr.update(choices=choices,
+                                                                                    value=pname.strip())
+
+    def on_source(choice: str, model: str):
+        if choice == MODEL_SOURCES[0]:
+            return gr.update(value="builtin", placeholder=None)
+        holder = "/models/v1-5-pruned-emaonly.safetensors" if choice == MODEL_SOURCES[1] else \
+            "stable-diffusion-v1-5/stable-diffusion-v1-5"
+        return gr.update(value="" if model == "builtin" else model, placeholder=holder)
+
+    def on_tick(last: int):
+        s = service.jobs.snapshot()
+        if s.version == last:
+            return [gr.skip()] * 7
+        return [s.version, progress_html(s), loss_frame(s), list(s.samples), "\n".join(s.logs),
+                gr.update(interactive=not s.active), gr.update(interactive=s.active)]
+
+    preset.input(on_preset, [preset, *inputs], inputs)
+    run.change(on_run, [run], inputs)
+    source.input(on_source, [source, fields["model"]], [fields["model"]])
+    fields["model"].change(lambda m: _model_source(m), [fields["model"]], [source], show_progress="hidden")
+    for comp in (fields["rank"], fields["alpha"]):
+        comp.change(_scale_html, [fields["rank"], fields["alpha"]], [scale], show_progress="hidden")
+    start.click(on_start, [run, *inputs], [form_notice, advanced, *inputs], concurrency_id="train-start",
+                concurrency_limit=1)
+    stop.click(on_stop, None, [form_notice])
+    sample_now.click(on_request("sample"), None, [form_notice])
+    save_now.click(on_request("save"), None, [form_notice])
+    save_preset.click(on_save_preset, [preset_name, preset_desc, *inputs], [form_notice, preset])
+    timer.tick(on_tick, [seen], [seen, progress, chart, samples, log, start, stop], show_progress="hidden",
+               queue=False)
+    return TrainTab(fields=fields, names=names, progress=progress, timer=timer, preset=preset)

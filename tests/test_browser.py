@@ -1,0 +1,333 @@
+"""End to end in headless Chromium: dataset upload and caption edit, training to the end and a stopped
+run, preview at strengths 0 and 1, blending, and downloading the export. Screenshots of each step go
+to ``screenshots/`` (git-ignored). The tests share one app and one page and run in file order.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "screenshots"
+EXAMPLE = ROOT / "examples" / "zkw"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
+                                                     "(apt-get install -y chromium)"),
+]
+playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
+
+E2E_PRESET = {  # a few seconds of CPU on the built-in model
+    "description": "browser test: tiny and fast", "rank": 4, "alpha": 4.0, "learning_rate": 1e-3,
+    "max_train_steps": 12, "batch_size": 1, "lr_scheduler": "constant", "sample_every_n_steps": 6,
+    "sample_steps": 2, "sample_prompts": ["zkw, a white disc"],
+}
+
+
+STEP_SECONDS = 0.4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dataset(tmp: Path) -> Path:
+    images = [p for p in EXAMPLE.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")]
+    if 30 <= len(images) <= 50:
+        return EXAMPLE
+    from tests.test_service import make_dataset
+    return make_dataset(tmp / "dataset", n=30, size=72)
+
+
+def _paced_train(config, listeners, control):
+    """The real trainer, with each step held for at least STEP_SECONDS so a fast machine still shows the
+    page moving between two polls (the UI polls once a second)."""
+    from trainer.events import Progress
+    from trainer.train import train
+
+    def pace(event):
+        if isinstance(event, Progress):
+            time.sleep(STEP_SECONDS)
+    return train(config, listeners=[*listeners, pace], control=control)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from app.service import Service
+    from app.ui import build_app, launch_options
+    from trainer.config import PRESETS_DIR
+
+    tmp = tmp_path_factory.mktemp("browser")
+    presets = tmp / "presets"
+    shutil.copytree(PRESETS_DIR, presets)
+    (presets / "e2e.json").write_text(json.dumps(E2E_PRESET), encoding="utf-8")
+    service = Service(tmp / "outputs", presets_dir=presets, train_fn=_paced_train)
+    # The trainer's first import takes a while on a busy machine: do it while the browser starts.
+    threading.Thread(target=service.warm_up, daemon=True).start()
+    demo = build_app(service)
+    demo.queue(default_concurrency_limit=4)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **launch_options(service))
+    data = _dataset(tmp)
+    n_images = sum(p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") for p in data.iterdir())
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", service=service, data=data, n_images=n_images, tmp=tmp)
+    service.jobs.stop()
+    service.jobs.wait(120)
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    SHOTS.mkdir(exist_ok=True)
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(app, browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    pg = context.new_page()
+    pg.set_default_timeout(60_000)
+    pg.external = []   # any request that leaves localhost: the app must work offline
+    pg.on("request", lambda r: None if r.url.startswith(("http://127.0.0.1", "data:", "blob:"))
+          else pg.external.append(r.url))
+    pg.goto(app.url)
+    wait_loaded(pg)
+    yield pg
+    context.close()
+
+
+@pytest.fixture(autouse=True)
+def screenshot_on_failure(request):
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed and "page" in request.fixturenames:
+        request.getfixturevalue("page").screenshot(path=str(SHOTS / f"FAILED-{request.node.name}.png"),
+                                                   full_page=True)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def wait_loaded(page) -> None:
+    """The page is up and its load event (which picks the run) has answered."""
+    page.wait_for_selector("#run-name input")
+    page.wait_for_function("document.querySelector('#run-notice')?.innerText.includes('Run folder')")
+
+
+def shot(page, name: str) -> None:
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+    page.wait_for_timeout(500)
+
+
+def choose(page, elem_id: str, text: str) -> None:
+    """Pick the option containing ``text`` in a Gradio dropdown."""
+    page.click(f"#{elem_id} input")
+    page.locator(f"#{elem_id} li[role=option]", has_text=text).first.click()
+    page.wait_for_timeout(300)
+
+
+def fill(page, elem_id: str, value) -> None:
+    """Type into a Gradio textbox, number or slider (its number box) and leave it, as a person would."""
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=range]):not([type=checkbox])").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def progress_state(page) -> tuple[str, int]:
+    card = page.locator("#train-progress .progress-card")
+    if not card.count():
+        return "idle", 0
+    return card.get_attribute("data-state"), int(card.get_attribute("data-step"))
+
+
+def wait_state(page, states: tuple[str, ...], timeout: float = 150, min_step: int = 0) -> tuple[str, int]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state, step = progress_state(page)
+        if state in states and step >= min_step:
+            return state, step
+        if state == "failed":
+            pytest.fail("training failed: " + page.inner_text("#train-progress"))
+        page.wait_for_timeout(250)
+    pytest.fail(f"training did not reach {states} (step >= {min_step}) in {timeout}s; now {progress_state(page)}; "
+                + page.input_value("#train-log textarea"))
+
+
+def image_pixels(page, selector: str):
+    from PIL import Image
+    src = page.locator(selector).first.get_attribute("src")
+    body = page.request.get(src if src.startswith("http") else page.url.rstrip("/") + src).body()
+    return Image.open(io.BytesIO(body)).convert("RGB")
+
+
+def set_run(page, name: str) -> None:
+    box = page.locator("#run-name input")
+    box.fill(name)
+    box.press("Enter")
+    page.wait_for_function("n => document.querySelector('#run-notice')?.innerText.includes(n)", arg=name)
+
+
+# --- the flow --------------------------------------------------------------------------------
+def test_dataset_upload_and_caption_edit(app, page):
+    set_run(page, "e2e")
+    files = sorted(str(p) for p in app.data.iterdir() if p.is_file())
+    page.set_input_files("#dataset-upload input[type=file]", files)
+    page.wait_for_selector(f"text={app.n_images} images.", timeout=90_000)
+    page.wait_for_selector("#dataset-report .report")
+    assert f"{app.n_images} images" in page.inner_text("#dataset-report")
+
+    box = page.locator(".caption-box textarea").first
+    box.fill("zkw, a disc edited in the browser")
+    box.press("Tab")
+    page.wait_for_selector("#dataset-status >> text=Saved the caption of")
+    first = sorted(p for p in (app.service.dataset_dir("e2e")).glob("*.txt"))[0]
+    assert first.read_text(encoding="utf-8") == "zkw, a disc edited in the browser"
+    fill(page, "trigger-word", "zkw")
+    shot(page, "01-dataset")
+
+
+def test_train_to_the_end_with_live_progress(app, page):
+    tab(page, "2. Train")
+    fill(page, "field-rank", 0)                       # an invalid value is named next to its field
+    page.click("#start-btn")
+    page.wait_for_selector("#train-notice >> text=Fix these settings first")
+    page.wait_for_selector("#field-rank.field-invalid >> text=16 is a good start")
+    shot(page, "02a-invalid-setting")
+    choose(page, "preset", "e2e")
+    page.wait_for_function("document.querySelector('#field-max_train_steps input').value === '12'")
+    assert not page.locator("#field-rank.field-invalid").count()
+    assert page.input_value("#field-rank input") == "4"
+    assert page.input_value("#field-sample_prompts textarea") == "zkw, a white disc"
+    page.click("#start-btn")
+    steps, first_chart = set(), None    # what a person watching would have seen change
+    deadline = time.time() + 150
+    while time.time() < deadline:
+        state, step = progress_state(page)
+        if state == "failed":
+            pytest.fail("training failed: " + page.inner_text("#train-progress"))
+        if step:
+            steps.add(step)
+        if step and state == "running" and first_chart is None:
+            page.wait_for_timeout(700)     # let the chart draw this poll's points
+            first_chart = page.locator("#loss-plot").screenshot()
+            shot(page, "02-training")
+        if state == "finished":
+            break
+        page.wait_for_timeout(200)
+    assert len(steps) >= 2, f"progress did not move: saw steps {sorted(steps)}"
+    page.wait_for_timeout(1500)
+    assert first_chart is not None and page.locator("#loss-plot").screenshot() != first_chart, \
+        "the loss chart did not change while training"
+    wait_state(page, ("finished",))
+    page.wait_for_selector("#train-progress >> text=Adapter saved")
+    assert page.locator("#train-samples img").count() >= 1
+    assert "finished after 12 steps" in page.input_value("#train-log textarea")
+    assert (app.service.outputs / "e2e" / "lora.safetensors").is_file()
+    shot(page, "03-trained")
+
+
+def test_stop_a_run_and_refuse_a_second_start(app, page, browser):
+    tab(page, "1. Dataset")
+    set_run(page, "e2e-stop")
+    fill(page, "dataset-folder", str(app.data))
+    page.click("#import-btn")
+    page.wait_for_selector(f"text={app.n_images} images.", timeout=90_000)
+    tab(page, "2. Train")
+    fill(page, "field-max_train_steps", 500)
+    fill(page, "field-sample_every_n_steps", 0)
+    page.click("#start-btn")
+    wait_state(page, ("running",), min_step=1)
+
+    other = browser.new_page(viewport={"width": 1280, "height": 900})   # a second tab reattaches
+    other.goto(app.url)
+    other.get_by_role("tab", name="2. Train").click()
+    other.wait_for_selector("#train-progress [data-state=running]", timeout=60_000)
+    other.evaluate("document.querySelector('#start-btn').disabled = false")
+    other.click("#start-btn", force=True)
+    other.wait_for_selector("text=already in progress", timeout=30_000)
+    other.screenshot(path=str(SHOTS / "04-second-tab-refused.png"), full_page=False)
+    other.close()
+
+    page.click("#stop-btn")
+    state, step = wait_state(page, ("stopped",))
+    assert 1 <= step < 500
+    page.wait_for_selector("#train-progress >> text=Adapter saved")
+    assert (app.service.outputs / "e2e-stop" / "lora.safetensors").is_file()
+    shot(page, "05-stopped")
+
+
+def test_preview_strength_0_and_1_differ(app, page):
+    page.reload()
+    wait_loaded(page)
+    tab(page, "3. Preview")
+    choose(page, "preview-adapter", "e2e/lora.safetensors")
+    fill(page, "preview-prompt", "zkw, a white disc")
+    fill(page, "preview-steps", 3)
+    page.click("#preview-render")
+    page.wait_for_selector("#preview-adapted img", timeout=120_000)
+    page.wait_for_selector("#preview-base img")
+    base, adapted = image_pixels(page, "#preview-base img"), image_pixels(page, "#preview-adapted img")
+    assert base.size == adapted.size and base.tobytes() != adapted.tobytes()
+    fill(page, "sweep-strengths", "0, 0.5, 1")
+    page.click("#sweep-btn")
+    page.wait_for_function("document.querySelectorAll('#sweep-grid img').length >= 3", timeout=120_000)
+    assert app.service.model_loads == 1
+    shot(page, "06-preview")
+
+
+def test_blend_two_adapters(app, page):
+    tab(page, "4. Blend")
+    choose(page, "blend-adapter-0", "e2e/lora.safetensors")
+    choose(page, "blend-adapter-1", "e2e-stop/lora.safetensors")
+    fill(page, "blend-prompt", "zkw, a white disc")
+    fill(page, "blend-steps", 3)
+    page.click("#blend-preview")
+    page.wait_for_selector("#blend-image img", timeout=120_000)
+    fill(page, "blend-name", "mix")
+    page.click("#blend-save")
+    page.wait_for_selector("#blend-notice >> text=Saved the blend")
+    from trainer.adapters import read_lora_file
+    lora = read_lora_file(app.service.outputs / "_blends" / "mix.safetensors")
+    merged = lora.metadata["modelspec.merged_from"]
+    assert lora.modules and merged.count("lora.safetensors") == 2, merged
+    shot(page, "07-blend")
+
+
+def test_export_download_is_a_valid_adapter(app, page):
+    tab(page, "5. Export")
+    choose(page, "export-adapter", "e2e/lora.safetensors")
+    page.wait_for_selector("#export-where >> text=On disk")
+    page.click("#export-btn")
+    link = page.locator("#export-file a").first
+    link.wait_for(timeout=60_000)
+    with page.expect_download() as info:
+        link.click()
+    target = app.tmp / "downloaded.safetensors"
+    info.value.save_as(target)
+    from trainer.adapters import read_lora_file
+    lora = read_lora_file(target)
+    assert lora.format == "kohya" and lora.modules
+    assert all(k.startswith("lora_unet_") for k in lora.modules)
+    assert lora.metadata["ss_network_dim"] == "4" and lora.metadata["ss_network_module"] == "networks.lora"
+    shot(page, "08-export")
+    assert page.external == [], f"the page reached outside localhost: {page.external[:5]}"

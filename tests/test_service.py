@@ -1,0 +1,422 @@
+"""The web UI's service layer: datasets, the form <-> TrainConfig mapping, presets, the job manager,
+renderer caching, blending and export. Fake trainers/renderers keep most tests instant; one test runs
+the real trainer on the built-in model for a couple of steps.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from app.jobs import JobBusy, JobManager
+from app.service import ConfigError, Service, TrainerError, config_fields
+from trainer.events import Control
+from trainer.config import PRESETS_DIR, TrainConfig, field_names
+from trainer.events import Finished, Log, Progress, Saved, Started
+
+
+def make_dataset(folder: Path, n: int = 30, size: int = 72, captions: bool = True) -> Path:
+    """``n`` small PNGs (a coloured square with a white disc) and, optionally, same-stem captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = Image.new("RGB", (size, size), ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256))
+        d = ImageDraw.Draw(img)
+        x = 8 + (i * 7) % (size - 40)
+        d.ellipse([x, x, x + 28, x + 28], fill=(255, 255, 255))
+        img.save(folder / f"img_{i:02d}.png")
+        if captions:
+            (folder / f"img_{i:02d}.txt").write_text(f"a white disc on colour {i}\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def service(tmp_path) -> Service:
+    presets = tmp_path / "presets"
+    shutil.copytree(PRESETS_DIR, presets)
+    return Service(tmp_path / "outputs", presets_dir=presets)
+
+
+# --- datasets --------------------------------------------------------------------------------
+def test_upload_matches_captions_by_stem_and_skips_other_files(service, tmp_path):
+    src = make_dataset(tmp_path / "src", n=3)
+    (src / "notes.pdf").write_bytes(b"%PDF")
+    (src / "img_01.txt").write_text("  line one\n", encoding="utf-8")
+    note = service.add_files("run1", sorted(src.iterdir()))
+    assert "3 image(s) and 3 caption file(s)" in note and "notes.pdf" in note
+    items = service.dataset_items("run1")
+    assert [n for n, _, _ in items] == ["img_00.png", "img_01.png", "img_02.png"]
+    assert items[1][2] == "line one"
+    assert Path(items[0][1]).parent == service.outputs / "run1" / "dataset"
+
+
+def test_zip_upload_is_flattened_and_safe(service, tmp_path):
+    buf = io.BytesIO()
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("set/a.png", png.getvalue())
+        zf.writestr("set/a.txt", "caption a")
+        zf.writestr("../../evil.png", png.getvalue())
+        zf.writestr("/abs/b.png", png.getvalue())
+        zf.writestr("__MACOSX/set/._a.png", b"junk")
+        link = zipfile.ZipInfo("set/link.png")
+        link.external_attr = (0o120777 << 16)
+        zf.writestr(link, "/etc/passwd")
+        zf.writestr("set/readme.md", "x")
+    archive = tmp_path / "data.zip"
+    archive.write_bytes(buf.getvalue())
+    service.add_files("zipped", [archive])
+    d = service.dataset_dir("zipped")
+    assert sorted(p.name for p in d.iterdir()) == ["a.png", "a.txt", "b.png", "evil.png"]
+    assert not (service.outputs / "evil.png").exists() and not (tmp_path / "evil.png").exists()
+    assert service.dataset_items("zipped")[0][2] == "caption a"
+
+
+def test_bad_zip_is_a_readable_error(service, tmp_path):
+    bad = tmp_path / "broken.zip"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(TrainerError, match="broken.zip.*not a readable .zip"):
+        service.add_files("r", [bad])
+
+
+def test_captions_edit_and_bulk_actions(service, tmp_path):
+    service.add_files("r", sorted(make_dataset(tmp_path / "src", n=3).iterdir()))
+    service.set_caption("r", "img_00.png", "a  red\nsquare ")
+    assert (service.dataset_dir("r") / "img_00.txt").read_text(encoding="utf-8") == "a red square"
+    assert service.bulk_prefix("r", "zkw") == 3
+    assert service.bulk_prefix("r", "zkw") == 0          # idempotent
+    assert service.dataset_items("r")[0][2] == "zkw, a red square"
+    assert service.bulk_replace("r", "white disc", "ring") == 2
+    assert service.dataset_items("r")[1][2] == "zkw, a ring on colour 1"
+    service.remove_image("r", "img_02.png")
+    assert [n for n, _, _ in service.dataset_items("r")] == ["img_00.png", "img_01.png"]
+    assert service.bulk_clear("r") == 2
+    assert all(c == "" for _, _, c in service.dataset_items("r"))
+    with pytest.raises(TrainerError, match="trigger word is empty"):
+        service.bulk_prefix("r", " , ")
+    with pytest.raises(TrainerError, match="not in the dataset"):
+        service.set_caption("r", "../../etc/passwd", "x")
+
+
+def test_run_names_are_checked(service):
+    for bad in ("", "../up", "a/b", "_blends", ".hidden"):
+        with pytest.raises(TrainerError, match="Run name"):
+            service.run_dir(bad)
+    assert service.run_dir("my-lora_2.v1") == service.outputs / "my-lora_2.v1"
+
+
+def test_import_folder_and_report_warns_outside_30_to_50(service, tmp_path):
+    src = make_dataset(tmp_path / "src", n=5, captions=False)
+    service.import_folder("r", str(src))
+    report = service.dataset_report("r", trigger_word="zkw", resolution=64)
+    assert report["num_images"] == 5
+    assert any("30-50" in w for w in report["warnings"])
+    assert "5 images" in report["text"]
+    with pytest.raises(TrainerError, match="does not exist"):
+        service.import_folder("r", str(tmp_path / "nope"))
+    assert service.dataset_report("empty-run")["num_images"] == 0
+
+
+def test_native_resolution_of_builtin_comes_from_its_configs(service):
+    from app.service import BUILTIN_MODEL_DIR
+    from trainer.models import BUILTIN_DIR
+
+    assert BUILTIN_MODEL_DIR == BUILTIN_DIR
+    assert service.native_resolution("builtin") == 64
+    assert service.native_resolution("/nowhere/sdxl-base.safetensors") == 1024
+
+
+# --- settings form ---------------------------------------------------------------------------
+def test_form_fields_cover_the_config():
+    specs = {s.name: s for s in config_fields()}
+    assert set(specs) == set(field_names()) - {"version", "data_dir", "output_dir"}
+    assert specs["rank"].kind == "int" and specs["alpha"].kind == "float"
+    assert specs["train_unet"].kind == "bool" and specs["sample_prompts"].kind == "list"
+    assert specs["lr_scheduler"].kind == "choice" and "cosine" in specs["lr_scheduler"].choices
+    assert "scale = alpha / r" in specs["alpha"].help and specs["alpha"].section == "network"
+
+
+def test_validation_is_per_field(service):
+    form = service.default_form()
+    assert service.validate_form(form) == {}
+    errors = service.validate_form({**form, "rank": 0, "learning_rate": None, "epochs": "many",
+                                    "model": "/no/such/model.safetensors"})
+    assert set(errors) == {"rank", "learning_rate", "epochs", "model"}
+    assert "16 is a good start" in errors["rank"] and "empty" in errors["learning_rate"]
+    with pytest.raises(ConfigError) as err:
+        service.build_config("r", {**form, "rank": 0})
+    assert err.value.errors["rank"]
+
+
+def test_build_config_sets_the_run_folders_and_splits_prompts_by_line(service):
+    form = {**service.default_form(), "sample_prompts": "zkw, a disc\nzkw, a ring\n", "max_train_steps": 5.0}
+    cfg = service.build_config("r", form)
+    assert cfg.sample_prompts == ["zkw, a disc", "zkw, a ring"]
+    assert cfg.max_train_steps == 5 and cfg.output_dir == str(service.outputs / "r")
+    assert cfg.data_dir == str(service.outputs / "r" / "dataset")
+
+
+def test_preset_fills_every_field_but_keeps_identity(service):
+    current = {**service.default_form(), "name": "mine", "trigger_word": "zkw", "rank": 99, "noise_offset": 0.3}
+    values = service.preset_form("quick", current)
+    assert set(values) == set(current)
+    assert values["rank"] == 8 and values["max_train_steps"] == 300
+    assert values["noise_offset"] == TrainConfig().noise_offset     # reset: the preset is silent on it
+    assert values["name"] == "mine" and values["trigger_word"] == "zkw"
+
+
+def test_save_preset_round_trips(service):
+    form = {**service.default_form(), "rank": 24, "alpha": 12.0}
+    path = service.save_preset(form, "my-preset", "rank 24")
+    assert path.parent == service.presets_dir
+    assert service.presets()["my-preset"] == "rank 24"
+    assert service.preset_form("my-preset")["rank"] == 24
+    with pytest.raises(TrainerError, match="not usable"):
+        service.save_preset(form, "bad/name")
+
+
+def test_target_groups_leave_a_seam_for_projectors(service):
+    groups = {f: available for _, f, _, available in service.target_groups()}
+    assert groups["train_unet"] and groups["train_text_encoder"]
+    assert groups["train_projector"] == ("train_projector" in field_names())
+
+
+def test_saved_form_reads_the_run_config(service):
+    cfg = TrainConfig(rank=12, trigger_word="zkw")
+    (service.outputs / "r").mkdir()
+    cfg.save(service.outputs / "r" / "config.json")
+    assert service.saved_form("r")["rank"] == 12 and service.saved_form("r")["trigger_word"] == "zkw"
+    assert service.saved_form("other") is None
+
+
+# --- job manager -----------------------------------------------------------------------------
+def fake_train(steps: int = 5, delay: float = 0.01, fail: Exception | None = None, write: bool = True):
+    def train(config, listeners, control):
+        emit = lambda e: [fn(e) for fn in listeners]  # noqa: E731
+        emit(Started(run_dir=config.output_dir, total_steps=steps, trainable_params=10, num_images=3))
+        done = 0
+        for step in range(1, steps + 1):
+            if control.stop_requested:
+                break
+            if fail and step == 3:
+                raise fail
+            time.sleep(delay)
+            done = step
+            emit(Progress(step=step, total_steps=steps, epoch=0, loss=1.0 / step, avg_loss=1.0, lr=1e-4,
+                          it_per_s=10.0, eta_s=0.1))
+        path = Path(config.output_dir) / "lora.safetensors"
+        if write:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+            emit(Saved(step=done, path=str(path), final=True))
+            emit(Finished(path=str(path), steps=done, stopped_early=done < steps, final_loss=0.5, seconds=0.1))
+        emit(Log("bye"))
+        return path
+    return train
+
+
+def make_jobs(train) -> JobManager:
+    return JobManager(train, Control, user_errors=(TrainerError,))
+
+
+def test_job_runs_in_background_and_records_history(tmp_path):
+    jobs = make_jobs(fake_train(steps=5))
+    jobs.start("r", TrainConfig(output_dir=str(tmp_path / "r")))
+    snap = jobs.wait(10)
+    assert snap.state == "finished" and snap.step == 5 and not snap.active
+    assert [h[0] for h in snap.history] == [1, 2, 3, 4, 5]
+    assert snap.result.endswith("lora.safetensors") and any("finished" in line for line in snap.logs)
+
+
+def test_second_start_is_refused_and_stop_still_saves(tmp_path):
+    jobs = make_jobs(fake_train(steps=1000, delay=0.005))
+    jobs.start("a", TrainConfig(output_dir=str(tmp_path / "a")))
+    deadline = time.time() + 10
+    while jobs.snapshot().step < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(JobBusy, match="already in progress"):
+        jobs.start("b", TrainConfig(output_dir=str(tmp_path / "b")))
+    assert jobs.stop()
+    snap = jobs.wait(10)
+    assert snap.state == "stopped" and 0 < snap.step < 1000 and Path(snap.result).is_file()
+    assert not jobs.stop()
+    jobs.start("b", TrainConfig(output_dir=str(tmp_path / "b")))   # a new run once the first is done
+    assert jobs.snapshot().run == "b" and jobs.stop()
+    assert jobs.wait(10).state == "stopped"
+
+
+@pytest.mark.parametrize("fail, expected", [
+    (TrainerError("Dataset folder 'x' does not exist; check the path."), "Dataset folder 'x' does not exist"),
+    (RuntimeError("boom"), "unexpected error: RuntimeError: boom"),
+])
+def test_failures_reach_the_snapshot_as_messages(tmp_path, fail, expected):
+    jobs = make_jobs(fake_train(fail=fail))
+    jobs.start("r", TrainConfig(output_dir=str(tmp_path)))
+    snap = jobs.wait(10)
+    assert snap.state == "failed" and expected in snap.error
+
+
+def test_a_run_that_writes_nothing_is_not_reported_as_finished(tmp_path):
+    jobs = make_jobs(fake_train(write=False))
+    jobs.start("r", TrainConfig(output_dir=str(tmp_path)))
+    snap = jobs.wait(10)
+    assert snap.state == "failed" and "without writing an adapter" in snap.error
+
+
+def test_snapshots_are_consistent_while_training(tmp_path):
+    jobs = make_jobs(fake_train(steps=200, delay=0.001))
+    jobs.start("r", TrainConfig(output_dir=str(tmp_path)))
+    versions = []
+    while jobs.snapshot().active:
+        s = jobs.snapshot()
+        assert len(s.history) == (s.history[-1][0] if s.history else 0)
+        versions.append(s.version)
+    assert versions == sorted(versions)
+
+
+def test_start_training_needs_images_and_refuses_a_second_run(tmp_path):
+    svc = Service(tmp_path / "out", train_fn=fake_train(steps=10_000, delay=0.01))
+    with pytest.raises(TrainerError, match="no images yet"):
+        svc.start_training("empty", svc.default_form())
+    svc.add_files("a", sorted(make_dataset(tmp_path / "src", n=2).iterdir()))
+    svc.start_training("a", svc.default_form())
+    with pytest.raises(TrainerError, match="already in progress"):
+        svc.start_training("a", svc.default_form())
+    assert svc.default_run() == "a" and svc.jobs.stop()
+    assert svc.jobs.wait(10).state == "stopped"
+
+
+# --- rendering (fake renderer) ---------------------------------------------------------------
+class FakeRenderer:
+    def __init__(self, model):
+        self.model, self.calls, self.detached = model, [], []
+
+    def render(self, settings, loras):
+        self.calls.append((settings.seed, dict(loras)))
+        return Image.new("RGB", (8, 8), (int(50 * sum(loras.values())) % 256, 0, 0))
+
+    def detach(self, path):
+        self.detached.append(str(path))
+
+
+def test_strength_changes_do_not_reload_the_model(tmp_path):
+    loads = []
+    svc = Service(tmp_path / "out", renderer_factory=lambda m: loads.append(m) or FakeRenderer(m))
+    lora = tmp_path / "a.safetensors"
+    lora.write_bytes(b"x")
+    base, adapted = svc.compare("builtin", str(lora), 1.0, prompt="p", seed=3)
+    grid = svc.sweep("builtin", str(lora), [0, 0.5, 1], prompt="p", seed=3)
+    assert loads == ["builtin"] and svc.model_loads == 1
+    assert [label for _, label in grid] == ["strength 0", "strength 0.5", "strength 1"]
+    renderer = svc._renderers["builtin"].renderer
+    assert [w for _, w in renderer.calls] == [{str(lora): 0.0}, {str(lora): 1.0}, {str(lora): 0.0},
+                                              {str(lora): 0.5}, {str(lora): 1.0}]
+    with pytest.raises(TrainerError, match="prompt is empty"):
+        svc.render("builtin", {}, prompt="  ")
+    with pytest.raises(TrainerError, match="does not exist"):
+        svc.compare("builtin", str(tmp_path / "missing.safetensors"), 1.0, prompt="p")
+
+
+def test_a_rewritten_adapter_is_reattached(tmp_path):
+    svc = Service(tmp_path / "out", renderer_factory=FakeRenderer)
+    lora = tmp_path / "a.safetensors"
+    lora.write_bytes(b"x")
+    svc.render("builtin", {str(lora): 1.0}, prompt="p")
+    later = time.time() + 5
+    import os
+    os.utime(lora, (later, later))
+    svc.render("builtin", {str(lora): 1.0}, prompt="p")
+    assert svc._renderers["builtin"].renderer.detached == [str(lora)]
+
+
+def test_adapter_list_skips_datasets_and_diffusers_copies(service):
+    for rel in ("r/lora.safetensors", "r/lora-diffusers.safetensors", "r/dataset/x.safetensors",
+                "_blends/mix.safetensors"):
+        (service.outputs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (service.outputs / rel).write_bytes(b"x")
+    assert sorted(label for label, _ in service.adapters()) == ["_blends/mix.safetensors", "r/lora.safetensors"]
+    assert service.runs() == ["r"]
+
+
+def test_uploaded_non_lora_is_rejected(service, tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    bad = tmp_path / "model.safetensors"
+    save_file({"conv.weight": torch.zeros(2, 2)}, str(bad))
+    with pytest.raises(TrainerError, match="not a LoRA"):
+        service.import_adapter(str(bad))
+    assert not (service.outputs / "_imported" / "model.safetensors").exists()
+    with pytest.raises(TrainerError, match="not a .safetensors"):
+        service.import_adapter(str(tmp_path / "x.ckpt"))
+
+
+# --- the real trainer, end to end (a few seconds of CPU with the built-in model) --------------
+def test_real_training_preview_blend_and_export(service, tmp_path):
+    service.add_files("real", sorted(make_dataset(tmp_path / "src", n=4, size=64).iterdir()))
+    form = {**service.preset_form("quick"), "max_train_steps": 2, "batch_size": 1, "trigger_word": "zkw"}
+    service.start_training("real", form)
+    snap = service.jobs.wait(300)
+    assert snap.state == "finished", snap.error
+    adapter = snap.result
+    assert Path(adapter) == service.outputs / "real" / "lora.safetensors"
+    assert [p for _, p in service.adapters()] == [adapter]
+    assert service.suggest_prompt(adapter) == "zkw"
+
+    settings = dict(prompt="zkw, a disc", seed=1, steps=2, guidance=5.0)
+    base, adapted = service.compare("builtin", adapter, 1.0, **settings)
+    weaker = service.render("builtin", {adapter: 0.0}, **settings)
+    assert base.tobytes() == weaker.tobytes()          # strength 0 is the base model, exactly
+    assert base.tobytes() != adapted.tobytes()
+    assert service.model_loads == 1
+
+    blend = service.save_blend([(adapter, 0.5), (adapter, 0.5)], "half-half")
+    info = service.adapter_info(blend)
+    assert info["modules"] > 0 and Path(info["path"]).name == "half-half.safetensors"
+    with pytest.raises(TrainerError, match="at least two"):
+        service.save_blend([(adapter, 1.0)], "solo")
+
+    assert service.export(adapter, "kohya") == adapter
+    diffusers = service.export(adapter, "diffusers")
+    assert diffusers.endswith("lora-diffusers.safetensors") and service.model_loads == 1
+    from safetensors import safe_open
+    with safe_open(diffusers, "pt") as f:
+        assert any(k.startswith("unet.") and k.endswith("lora_A.weight") for k in f.keys())
+        assert json.loads(f.metadata()["lora_adapter_metadata"])
+
+
+# --- boundaries --------------------------------------------------------------------------------
+def test_only_the_service_imports_the_trainer():
+    """app/ reaches trainer (and so torch/diffusers/peft) only through app/service.py."""
+    import ast
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    allowed = set(sys.stdlib_module_names) | {"gradio", "PIL", "pandas", "app"}
+    for path in sorted((root / "app").glob("*.py")) + [root / "launch.py"]:
+        if path.name == "service.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def test_launch_flags():
+    from launch import build_parser, parse_auth
+
+    args = build_parser().parse_args([])
+    assert (args.port, args.listen, args.share, args.model, args.outputs) == (7860, False, False, "builtin", "outputs")
+    args = build_parser().parse_args(["--port", "9000", "--listen", "--auth", "me:pw:x", "--model", "/m.safetensors",
+                                      "--outputs", "/tmp/o", "--share"])
+    assert args.port == 9000 and args.listen and args.share and args.outputs == "/tmp/o"
+    assert parse_auth(args.auth) == ("me", "pw:x") and parse_auth(None) is None
+    with pytest.raises(SystemExit):
+        parse_auth("nopassword")
