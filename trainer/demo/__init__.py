@@ -1,0 +1,1 @@
+"""Built-in demo model: procedural data, pretraining, the example concept and concept scores."""
