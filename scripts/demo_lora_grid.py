@@ -48,7 +48,7 @@ def main() -> None:
         images = [renderer.render(RenderSettings(PROMPT, seed=s, steps=20, guidance=5.0), {adapter: w})
                   for s in range(a.seeds)]
         print(f"strength {w:4.2f}: histogram distance to the dataset "
-              f"{colour_histogram_distance(images, dataset, bins=4):.3f}, "
+              f"{colour_histogram_distance(images, dataset):.3f}, "
               f"concept colour share {colour_share(images, CONCEPT_COLOURS):.3f}")
         draw.text((4, row * (cell + pad) + cell // 2 - 6), f"w={w:g}", fill="black")
         for col, img in enumerate(images):

@@ -2,7 +2,7 @@
 
 Trains with the `quick` preset (as the README quickstart does), then renders the trigger prompt at
 strengths 0, 0.5 and 1.0 and scores each set by its colour-histogram distance to the dataset
-(4 bins per channel; 0 = the dataset's colours, 1 = none of them).
+(8 bins per channel; 0 = the dataset's colours, 1 = none of them).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = f"{TRIGGER}, a {TRIGGER} emblem on a white background"
 SEEDS = range(6)
 DATA = ROOT / "examples" / TRIGGER
-# Measured on the shipped model (docs/DEMO_MODEL.md): ~0.99 at strength 0, ~0.64 at 1.0.
-MIN_GAIN = 0.15
+# Measured on the shipped model (docs/DEMO_MODEL.md): 0.996 / 0.918 / 0.492 at strengths 0 / 0.5 / 1.
+MIN_GAIN = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,6 @@ def test_quick_lora_learns_the_concept_monotonically(zkw_adapter):
     for weight in (0.0, 0.5, 1.0):
         images = [renderer.render(RenderSettings(PROMPT, seed=s, steps=20, guidance=5.0), {zkw_adapter: weight})
                   for s in SEEDS]
-        scores[weight] = colour_histogram_distance(images, dataset, bins=4)
+        scores[weight] = colour_histogram_distance(images, dataset)
     assert scores[1.0] < scores[0.0] - MIN_GAIN, scores
     assert scores[0.0] > scores[0.5] > scores[1.0], scores
