@@ -89,6 +89,14 @@ def test_builtin_is_deterministic_and_cached(builtin, cache_home, tmp_path, monk
     assert_same_model(builtin, load_base_model("builtin"))
 
 
+def test_builtin_exports_as_a_single_file_checkpoint(builtin, tmp_path):
+    """The demo model goes through the same single-file path as a user's civitai checkpoint."""
+    from trainer.models import BUILTIN_DIR
+    path = save_single_file(builtin, tmp_path / "builtin.safetensors")
+    assert detect_checkpoint(read_checkpoint(path).keys()) == ("sd1", "epsilon")
+    assert_same_model(builtin, load_base_model(str(path), config_dir=str(BUILTIN_DIR)))
+
+
 def test_builtin_pipeline_generates_an_image(builtin):
     pipe = make_pipeline(builtin)
     assert pipe.unet is builtin.unet and pipe.vae is builtin.vae and pipe.text_encoder is builtin.text_encoders[0]

@@ -135,6 +135,32 @@ _UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2
 _VAE_ATTN_PARTS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
+# UNet modules the original LDM layout has no slot for (diffusers' encoder_hid_dim projector): a single
+# file stores them under their diffusers names, and load_unet_extras puts them back after conversion.
+DIFFUSERS_NAMED_UNET = ("encoder_hid_proj",)
+
+
+def unet_with_extras(tensors: Mapping[str, torch.Tensor], unet_config: dict):
+    """The UNet of a single file that stores DIFFUSERS_NAMED_UNET modules, or None when it has none.
+
+    diffusers' converter skips those weights (and would leave them unloaded), so such a UNet is
+    converted here with diffusers' own key converter plus the extra weights, then loaded strictly.
+    """
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    prefix = "model.diffusion_model."
+    names = tuple(f"{prefix}{m}." for m in DIFFUSERS_NAMED_UNET)
+    extra = {k[len(prefix):]: tensors[k].float() for k in tensors.keys() if k.startswith(names)}
+    if not extra:
+        return None
+    ldm = {k: tensors[k].float() for k in tensors.keys() if k.startswith(prefix) and not k.startswith(names)}
+    state = convert_ldm_unet_checkpoint(ldm, unet_config)
+    unet = UNet2DConditionModel.from_config(unet_config)
+    unet.load_state_dict({**state, **extra}, strict=True)
+    return unet
+
+
 def _unet_block(prefix: str, kind: str, rest: str) -> str:
     """Attention weights keep their names; resnet parts are renamed (norm1 -> in_layers.0, ...)."""
     if kind == "attentions":
@@ -164,6 +190,8 @@ def unet_key_to_ldm(key: str, layers_per_block: int, up_blocks_with_attention: s
     module, _, param = key.rpartition(".")
     if module in _UNET_TOP:
         return f"{_UNET_TOP[module]}.{param}"
+    if key.startswith(tuple(f"{m}." for m in DIFFUSERS_NAMED_UNET)):
+        return key
     raise TrainerError(f"UNet weight '{key}' has no place in the LDM checkpoint layout; this UNet cannot be "
                        "saved as a single file (save it as a diffusers folder instead).")
 

@@ -18,7 +18,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPip
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .checkpoint import (CHECKPOINT_SUFFIXES, detect_checkpoint, read_checkpoint, to_ldm_state_dict,
-                         write_checkpoint)
+                         unet_with_extras, write_checkpoint)
 from .errors import TrainerError
 
 __all__ = ["BaseModel", "load_base_model", "detect_checkpoint", "make_pipeline", "encode_prompts",
@@ -323,6 +323,9 @@ def _single_file_pipeline(path: Path, arch: str, folder: Path) -> DiffusionPipel
     else:
         cls, extra = StableDiffusionPipeline, {"tokenizer": tokenizers[0], "safety_checker": None,
                                                "feature_extractor": None}
+    unet = unet_with_extras(read_checkpoint(path), UNet2DConditionModel.load_config(folder / "unet"))
+    if unet is not None:
+        extra["unet"] = unet
     try:
         return cls.from_single_file(str(path), config=str(folder), local_files_only=True,
                                     torch_dtype=torch.float32, **extra)
