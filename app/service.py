@@ -31,7 +31,8 @@ KEEP_ON_PRESET = ("model", "name", "trigger_word", "sample_prompts")  # a preset
 TARGET_GROUPS = (  # (label, TrainConfig switch, note); a switch the config lacks is shown as "coming"
     ("UNet cross-attention", "train_unet", "attn2 q/k/v/out: the usual LoRA target"),
     ("Text encoder(s)", "train_text_encoder", "self-attention of CLIP; learns new words faster"),
-    ("Projector layers", "train_projector", "not in this trainer version yet"),
+    ("Projector layers", "train_projector", "encoder_hid_proj / add_embedding / text_projection, the ones the "
+     "model has; tools that don't know these modules skip them (Advanced: export_portable leaves them out)"),
 )
 MAX_ZIP_BYTES = 4 << 30
 BUILTIN_MODEL_DIR = Path(tconfig.__file__).resolve().parent / "assets" / "builtin"   # = trainer.models.BUILTIN_DIR
@@ -520,11 +521,16 @@ class Service:
             return self.default_model
 
     def export(self, path: str, fmt: str = "kohya", model: str = "") -> str:
-        """The file to download: the adapter itself (kohya/A1111), or a diffusers/PEFT-format copy written
-        beside it (made by attaching the adapter to its base model, so that model is loaded once)."""
+        """The file to download: the adapter itself (kohya/A1111), a portable copy without projector modules
+        ("portable"), or a diffusers/PEFT-format copy written beside it (made by attaching the adapter to its
+        base model, so that model is loaded once)."""
         p = self._adapter(path)
         if fmt == "kohya":
             return str(p)
+        if fmt == "portable":  # the kohya file less its projector modules, for tools that complain about them
+            from trainer.export import write_portable_copy
+
+            return str(write_portable_copy(p))
         copy = p.with_name(f"{p.stem}-diffusers.safetensors")
         if copy.is_file() and copy.stat().st_mtime >= p.stat().st_mtime:
             return str(copy)

@@ -16,7 +16,8 @@ FACTS = [("base", "ss_sd_model_name"), ("architecture", "modelspec.architecture"
          ("alpha", "ss_network_alpha"), ("steps", "ss_steps"), ("images", "ss_num_train_images"),
          ("resolution", "ss_resolution"), ("trigger", "modelspec.trigger_phrase"),
          ("blended from", "modelspec.merged_from")]
-FORMATS = [("kohya / A1111 / ComfyUI (.safetensors)", "kohya"), ("diffusers / PEFT (.safetensors)", "diffusers")]
+FORMATS = [("kohya / A1111 / ComfyUI (.safetensors)", "kohya"), ("diffusers / PEFT (.safetensors)", "diffusers"),
+           ("portable kohya, without projector layers (.safetensors)", "portable")]
 
 
 @dataclass

@@ -19,7 +19,11 @@ TRAIN_FLAGS = {
     "alpha": "alpha", "resolution": "resolution", "seed": "seed", "name": "name", "trigger": "trigger_word",
     "epochs": "epochs", "lr": "learning_rate", "batch_size": "batch_size",
     "mixed_precision": "mixed_precision", "text_encoder_lr": "text_encoder_lr",
+    "projector_rank": "projector_rank", "projector_alpha": "projector_alpha", "projector_lr": "projector_lr",
 }
+# switch flag -> (TrainConfig field, value it sets); an absent switch leaves the preset/config value
+TRAIN_SWITCHES = {"train_text_encoder": ("train_text_encoder", True), "train_projectors": ("train_projector", True),
+                  "no_unet": ("train_unet", False), "portable": ("export_portable", True)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trigger", help="trigger word prepended to every caption")
     t.add_argument("--train-text-encoder", action="store_true", default=None,
                    help="also train LoRA on the text encoder(s)")
+    t.add_argument("--train-projectors", "--train-projector", action="store_true", default=None,
+                   help="also train LoRA on the projector layers the model has (encoder_hid_proj, add_embedding, "
+                        "text_projection); tools that don't know these modules skip them")
+    t.add_argument("--no-unet", action="store_true", default=None,
+                   help="do not train the UNet cross-attention (e.g. projectors only)")
+    t.add_argument("--projector-rank", type=int, help="projector LoRA rank (default: --rank)")
+    t.add_argument("--projector-alpha", type=float, help="projector LoRA alpha (default: --alpha)")
+    t.add_argument("--projector-lr", type=float, help="projector learning rate")
+    t.add_argument("--portable", action="store_true", default=None,
+                   help="also write NAME-portable.safetensors without projector modules")
     t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other TrainConfig field, e.g. --set noise_offset=0.05 (repeatable)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -84,8 +98,9 @@ def config_from_args(args: argparse.Namespace):
             raise TrainerError(f"Config file '{args.config}' cannot be read ({err}); give a config.json "
                                "written by an earlier run.", field="config") from None
     overrides = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()}
-    if args.train_text_encoder:
-        overrides["train_text_encoder"] = True
+    for flag, (field, value) in TRAIN_SWITCHES.items():
+        if getattr(args, flag):
+            overrides[field] = value
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:

@@ -20,6 +20,8 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 # Module name suffixes (PEFT ``target_modules`` style, matched against full module paths).
 UNET_CROSS_ATTENTION = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 TEXT_ENCODER_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+# Projector layers: modules that carry one modality's features into another's space (see lora.find_projectors).
+PROJECTOR_KINDS = ("encoder_hid_proj", "add_embedding", "text_projection")
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
@@ -53,6 +55,7 @@ class TrainConfig:
     name: str = "lora"                # file stem of the exported adapter
     save_every_n_steps: int = 0       # intermediate adapters (0 = only at the end)
     export_diffusers: bool = False    # also write a diffusers/PEFT-format copy
+    export_portable: bool = False     # also write <name>-portable.safetensors without projector modules
 
     # --- network ----------------------------------------------------------------------
     rank: int = 16                    # LoRA rank r (16-32 typical for characters and styles)
@@ -64,6 +67,11 @@ class TrainConfig:
     text_encoder_alpha: float = 0.0   # 0 = same as alpha
     text_encoder_lr: float = 5e-5
     text_encoder_targets: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_ATTENTION))
+    train_projector: bool = False     # projector layers: encoder_hid_proj, add_embedding, text_projection
+    projector_rank: int = 0           # 0 = same as rank
+    projector_alpha: float = 0.0      # 0 = same as alpha
+    projector_lr: float = 1e-4
+    projector_targets: list[str] = field(default_factory=list)  # empty = all the model has; else module paths
 
     # --- optimisation -----------------------------------------------------------------
     learning_rate: float = 1e-4       # UNet LoRA learning rate
@@ -119,7 +127,11 @@ class TrainConfig:
             e["text_encoder_rank"] = f"{self.text_encoder_rank} must be 0 (same as rank) or more."
         if self.text_encoder_alpha < 0:
             e["text_encoder_alpha"] = f"{self.text_encoder_alpha} must be 0 (same as alpha) or more."
-        for name in ("learning_rate", "text_encoder_lr"):
+        if self.projector_rank < 0:
+            e["projector_rank"] = f"{self.projector_rank} must be 0 (same as rank) or more."
+        if self.projector_alpha < 0:
+            e["projector_alpha"] = f"{self.projector_alpha} must be 0 (same as alpha) or more."
+        for name in ("learning_rate", "text_encoder_lr", "projector_lr"):
             v = getattr(self, name)
             if not (0 < v < 1):
                 e[name] = f"{v} must be between 0 and 1; 1e-4 is typical for the UNet, 5e-5 for text encoders."
@@ -134,8 +146,8 @@ class TrainConfig:
         for name in ("min_snr_gamma", "noise_offset", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 e[name] = f"{getattr(self, name)} must be 0 or more (0 disables it)."
-        if not self.train_unet and not self.train_text_encoder:
-            e["train_unet"] = "nothing to train: enable train_unet or train_text_encoder."
+        if not (self.train_unet or self.train_text_encoder or self.train_projector):
+            e["train_unet"] = "nothing to train: enable train_unet, train_text_encoder or train_projector."
         if self.train_unet and not self.unet_targets:
             e["unet_targets"] = "is empty; list module names such as attn2.to_q."
         if self.train_text_encoder and not self.text_encoder_targets:
@@ -160,6 +172,14 @@ class TrainConfig:
     @property
     def te_alpha(self) -> float:
         return self.text_encoder_alpha or self.alpha
+
+    @property
+    def proj_rank(self) -> int:
+        return self.projector_rank or self.rank
+
+    @property
+    def proj_alpha(self) -> float:
+        return self.projector_alpha or self.alpha
 
     # --- (de)serialisation ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

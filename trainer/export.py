@@ -1,12 +1,14 @@
 """Writing adapter files: kohya-format tensors, A1111/ComfyUI metadata (ss_*, modelspec.*), hashes.
 
-Files are written atomically. A diffusers/PEFT-format copy can be written as well.
+Files are written atomically. A diffusers/PEFT-format copy, and a portable copy without projector
+modules (which tools that do not know them skip), can be written as well.
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,16 @@ from .lora import TargetGroup, groups_from_config, lora_modules
 
 GROUPS_KEY = "lora_trainer.target_groups"   # our own key: JSON list of the trained groups
 FORMAT_KEY = "lora_trainer.format"
+PROJECTORS_KEY = "lora_trainer.projector_modules"   # JSON list of the projector modules in the file
+PROJECTOR_NOTE_KEY = "lora_trainer.projector_note"
+PORTABLE_KEY = "lora_trainer.portable"
+PROJECTOR_NOTE = ("Projector modules (encoder_hid_proj, add_embedding/label_emb, text_projection) are listed in "
+                  f"{PROJECTORS_KEY}. Tools that do not know these modules skip them and load the rest as usual "
+                  "(diffusers 0.42.1 skips encoder_hid_proj with an 'unexpected keys' warning, loads SDXL's "
+                  "label_emb, but raises on text_projection). A <name>-portable.safetensors copy "
+                  "(export_portable) leaves them out.")
+# kohya names of projector modules: SD1/SD2 diffusers layout, SDXL SGM layout (label_emb) and text projections.
+_PROJECTOR_NAME = re.compile(r"^lora_(unet_(encoder_hid_proj|add_embedding|label_emb)|te[12]?_text_projection)(_|$)")
 _BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 _MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
                    "sdxl": "stable-diffusion-xl-v1-base"}
@@ -46,6 +58,61 @@ def lora_state_dict(components: dict[str, nn.Module], arch: str, adapter_name: s
     return out
 
 
+def is_projector_module(name: str) -> bool:
+    """True for the kohya name of a projector module (``lora_unet_encoder_hid_proj``, ``lora_te2_text_projection``)."""
+    return bool(_PROJECTOR_NAME.match(name))
+
+
+def projector_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Sorted kohya names of the projector modules among ``tensors``' keys."""
+    return sorted({k.partition(".")[0] for k in tensors if is_projector_module(k.partition(".")[0])})
+
+
+def without_projectors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` less every projector module: a file every tool loads without complaint."""
+    return {k: v for k, v in tensors.items() if not is_projector_module(k.partition(".")[0])}
+
+
+def groups_json(groups: list[TargetGroup]) -> str:
+    """The ``GROUPS_KEY`` value: each group's name, targets (projectors: the modules found), rank, alpha, lr."""
+    return json.dumps([{"name": g.name, "targets": {c: list(t) for c, t in g.targets.items()}, "rank": g.rank,
+                        "alpha": g.alpha, "lr": g.lr} for g in groups])
+
+
+def projector_metadata(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Metadata keys naming the file's projector modules and how other tools treat them (empty: none)."""
+    names = projector_modules(tensors)
+    return {PROJECTORS_KEY: json.dumps(names), PROJECTOR_NOTE_KEY: PROJECTOR_NOTE} if names else {}
+
+
+def portable_copy(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) of the portable file: projector modules and the projectors group removed."""
+    removed = projector_modules(tensors)
+    md = {k: v for k, v in metadata.items() if k not in (PROJECTORS_KEY, PROJECTOR_NOTE_KEY)}
+    try:
+        md[GROUPS_KEY] = json.dumps([g for g in json.loads(md.get(GROUPS_KEY, "[]")) if g.get("name") != "projectors"])
+    except ValueError:
+        pass  # not our metadata: leave it
+    md[PORTABLE_KEY] = json.dumps({"removed_projector_modules": removed})
+    return without_projectors(tensors), md
+
+
+def write_portable_copy(path: str | Path) -> Path:
+    """Write ``<stem>-portable.safetensors`` beside a LoRA file: the same file less its projector modules."""
+    from safetensors import safe_open
+    path = Path(path)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    portable, md = portable_copy(tensors, {k: v for k, v in metadata.items() if not k.startswith("sshs_")})
+    if not portable:
+        raise TrainerError(f"'{path.name}' holds only projector modules, so a portable copy would be empty; "
+                           "train the UNet or text encoder as well to have something every tool loads.",
+                           field="export_portable")
+    weights = [t.dtype for k, t in portable.items() if not k.endswith(".alpha")]
+    return save_adapter(path.with_name(f"{path.stem}-portable.safetensors"), portable, md,
+                        dtype=weights[0] if len(set(weights)) == 1 else torch.float32)
+
+
 def _tag_frequency(tag_frequency: dict, data_dir: str) -> dict[str, dict[str, int]]:
     """kohya shape {dataset_dir: {tag: count}}; a flat {tag: count} is put under the data folder's name."""
     if tag_frequency and all(isinstance(v, dict) for v in tag_frequency.values()):
@@ -65,22 +132,28 @@ def build_metadata(config: TrainConfig, *, arch: str, prediction_type: str, base
     v_pred = prediction_type == "v_prediction"
     version = "sd_v2_v" if arch == "sd2" and v_pred else _BASE_VERSION[arch]
     spec_arch = "stable-diffusion-v2-768-v" if arch == "sd2" and v_pred else _MODELSPEC_ARCH[arch]
-    main = config.train_unet
     now = datetime.datetime.now().replace(microsecond=0)
-    if groups is None:  # builders only look at which components exist
+    if groups is None:  # builders only look at which components exist; projectors are listed as asked for
         names = ("unet", "text_encoder", "text_encoder_2") if arch == "sdxl" else ("unet", "text_encoder")
-        groups = groups_from_config(config, {n: nn.Identity() for n in names})
-    group_info = [{"name": g.name, "targets": {c: list(t) for c, t in g.targets.items()}, "rank": g.rank,
-                   "alpha": g.alpha, "lr": g.lr} for g in groups]
+        groups = groups_from_config(config.replace(train_projector=False), {n: nn.Identity() for n in names})
+        if config.train_projector:
+            groups.append(TargetGroup("projectors", {"auto": tuple(config.projector_targets) or ("all found",)},
+                                      config.proj_rank, float(config.proj_alpha), config.projector_lr))
+    dim, alpha = ((config.rank, config.alpha) if config.train_unet else (config.te_rank, config.te_alpha)
+                  if config.train_text_encoder else (config.proj_rank, config.proj_alpha))
+    args: dict[str, Any] = {}
+    if config.train_text_encoder:
+        args.update(text_encoder_dim=config.te_rank, text_encoder_alpha=float(config.te_alpha))
+    if config.train_projector:
+        args.update(projector_dim=config.proj_rank, projector_alpha=float(config.proj_alpha))
     md: dict[str, Any] = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": config.rank if main else config.te_rank,
-        "ss_network_alpha": float(config.alpha if main else config.te_alpha),
-        "ss_network_args": json.dumps({"text_encoder_dim": config.te_rank,
-                                       "text_encoder_alpha": float(config.te_alpha)}
-                                      if config.train_text_encoder else {}),
+        "ss_network_dim": dim,
+        "ss_network_alpha": float(alpha),
+        "ss_network_args": json.dumps(args),
         "ss_network_train_unet_only": not config.train_text_encoder,
-        "ss_network_train_text_encoder_only": not config.train_unet,
+        "ss_network_train_text_encoder_only": config.train_text_encoder and not (config.train_unet
+                                                                                 or config.train_projector),
         "ss_base_model_version": version,
         "ss_v2": arch == "sd2",
         "ss_v_parameterization": v_pred,
@@ -105,6 +178,7 @@ def build_metadata(config: TrainConfig, *, arch: str, prediction_type: str, base
         "ss_learning_rate": config.learning_rate,
         "ss_unet_lr": config.learning_rate if config.train_unet else 0.0,
         "ss_text_encoder_lr": config.text_encoder_lr if config.train_text_encoder else 0.0,
+        "ss_projector_lr": config.projector_lr if config.train_projector else 0.0,
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_lr_warmup_steps": config.lr_warmup_steps,
         "ss_optimizer": config.optimizer,
@@ -125,7 +199,7 @@ def build_metadata(config: TrainConfig, *, arch: str, prediction_type: str, base
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": now.isoformat(),
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
-        GROUPS_KEY: json.dumps(group_info),
+        GROUPS_KEY: groups_json(groups),
     }
     if config.trigger_word:
         md["modelspec.trigger_phrase"] = config.trigger_word

@@ -1,6 +1,6 @@
-"""LoRA injection through PEFT: what to adapt (TargetGroup), where (suffix matching), how (LoraConfig).
-Each group has its own rank, alpha (scale = alpha / rank, independent of rank) and learning rate;
-LoRA weights stay fp32 while the frozen base may be cast to fp16/bf16 (``cast_frozen``)."""
+"""LoRA injection through PEFT: what to adapt (TargetGroup), where (suffix matching, projector discovery),
+how (LoraConfig). Each group has its own rank, alpha (scale = alpha / rank, independent of rank) and
+learning rate; LoRA weights stay fp32 while the frozen base may be cast to fp16/bf16 (``cast_frozen``)."""
 from __future__ import annotations
 
 import difflib
@@ -50,14 +50,85 @@ def _text_encoder_group(config: TrainConfig, components: dict[str, nn.Module]) -
     return TargetGroup("text_encoder", targets, config.te_rank, float(config.te_alpha), config.text_encoder_lr)
 
 
-# The seam for more groups (next: "projectors" with its own rank/alpha/lr): add a builder here.
+# Projector layers: modules that map one modality's features into another's space. Every Linear/Conv2d
+# at or under these roots is a projector (an image projection is a container of Linears).
+PROJECTOR_ROOTS: dict[str, tuple[str, ...]] = {
+    "unet": ("encoder_hid_proj",      # text (or image) features -> cross-attention space (encoder_hid_dim)
+             "add_embedding"),        # SDXL: pooled text + size conditioning -> time embedding
+    "text_encoder": ("text_projection",),     # pooled embedding (CLIPTextModelWithProjection)
+    "text_encoder_2": ("text_projection",),   # SDXL's second encoder: the pooled text_embeds
+}
+PROJECTORS_LOOKED_FOR = ("unet.encoder_hid_proj (a UNet with encoder_hid_dim set, or an IP-Adapter image "
+                         "projection), unet.add_embedding.linear_1/linear_2 (SDXL's pooled-text + size "
+                         "embedding), text_encoder(_2).text_projection (a CLIPTextModelWithProjection)")
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + ".")
+
+
+def find_projectors(components: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """component -> paths of the projector Linear/Conv2d modules this model has (empty when none)."""
+    out: dict[str, list[str]] = {}
+    for component, roots in PROJECTOR_ROOTS.items():
+        if component not in components:
+            continue
+        paths = [p for p, _ in adaptable_modules(components[component]) if any(_under(p, r) for r in roots)]
+        if paths:
+            out[component] = paths
+    return out
+
+
+def _select_projectors(found: dict[str, list[str]], wanted: list[str]) -> dict[str, tuple[str, ...]]:
+    """Keep the found projectors that ``wanted`` names ("path", "component.path" or a root such as
+    "add_embedding"); an entry that names none of them is a TrainerError listing what exists."""
+    if not wanted:
+        return {c: tuple(ps) for c, ps in found.items()}
+    chosen: dict[str, list[str]] = {}
+    for entry in wanted:
+        hit = False
+        for component, paths in found.items():
+            rest = entry[len(component) + 1:] if entry.startswith(component + ".") else entry
+            for p in paths:
+                if _under(p, rest) or p.endswith("." + rest):
+                    hit = True
+                    if p not in chosen.setdefault(component, []):
+                        chosen[component].append(p)
+        if not hit:
+            have = ", ".join(f"{c}.{p}" for c, ps in found.items() for p in ps)
+            raise TrainerError(f"projector_targets entry {entry!r} names no projector of this model; it has "
+                               f"{have}. Use one of those, or leave projector_targets empty for all of them.",
+                               field="projector_targets")
+    return {c: tuple(ps) for c, ps in chosen.items() if ps}
+
+
+def _projector_group(config: TrainConfig, components: dict[str, nn.Module]) -> TargetGroup | None:
+    if not config.train_projector:
+        return None
+    found = find_projectors(components)
+    if not found:
+        raise TrainerError(f"train_projector is on, but this model has no projector layers. Looked for "
+                           f"{PROJECTORS_LOOKED_FOR}; found none in {', '.join(components)}. Turn "
+                           "train_projector off, or use a model that has one (the built-in model does).",
+                           field="train_projector")
+    targets = _select_projectors(found, list(config.projector_targets))
+    return TargetGroup("projectors", targets, config.proj_rank, float(config.proj_alpha), config.projector_lr)
+
+
+# Group builders, in order; each returns None when its group is off. A new group is one more builder.
 GROUP_BUILDERS: tuple[Callable[[TrainConfig, dict[str, nn.Module]], TargetGroup | None], ...] = (
-    _unet_group, _text_encoder_group)
+    _unet_group, _text_encoder_group, _projector_group)
 
 
 def groups_from_config(config: TrainConfig, components: dict[str, nn.Module]) -> list[TargetGroup]:
     """The target groups ``config`` asks for, in builder order; groups that are off are left out."""
     return [g for build in GROUP_BUILDERS if (g := build(config, components)) is not None]
+
+
+def describe_group(group: TargetGroup) -> str:
+    """One log line: the group, its rank/alpha/lr and what it targets (projectors: the modules found)."""
+    what = "; ".join(f"{c}: {', '.join(t)}" for c, t in group.targets.items())
+    return f"LoRA group '{group.name}' (rank {group.rank}, alpha {group.alpha:g}, lr {group.lr:g}) on {what}"
 
 
 # --- matching -----------------------------------------------------------------------------

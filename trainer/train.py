@@ -20,7 +20,7 @@ from .dataset import DatasetReport, LoraDataset, collate, scan_dataset
 from .errors import TrainerError
 from .events import Control, Event, Failed, Finished, Listener, Log, Progress, Sample, Saved, Started
 from .export import build_metadata, lora_state_dict, save_adapter, save_diffusers_format
-from .lora import cast_frozen, groups_from_config, inject
+from .lora import cast_frozen, describe_group, groups_from_config, inject
 from .models import BaseModel, encode_prompts, load_base_model, make_pipeline
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -129,6 +129,8 @@ def _loop(run: _Run, control: Control) -> Path:
 
     components = base.components()
     groups = groups_from_config(config, components)
+    for group in groups:
+        run.emit(Log(describe_group(group)))
     params = inject(components, groups)
     base.to(device)
     cast_frozen(components, weight_dtype)
@@ -271,12 +273,23 @@ def _metadata(run: _Run) -> dict[str, str]:
 
 
 def _save(run: _Run, *, final: bool) -> Path:
+    from .export import GROUPS_KEY, groups_json, portable_copy, projector_metadata
+
     cfg, base = run.config, run.base
     stem = cfg.name if final else f"{cfg.name}-step{run.step:06d}"
-    path = save_adapter(run.run_dir / f"{stem}.safetensors", lora_state_dict(base.components(), base.arch),
-                        _metadata(run))
+    tensors = lora_state_dict(base.components(), base.arch)
+    metadata = {**_metadata(run), **projector_metadata(tensors)}
+    if cfg.train_projector:  # list the projector modules actually found, not just "asked for"
+        metadata[GROUPS_KEY] = groups_json(groups_from_config(cfg, base.components()))
+    path = save_adapter(run.run_dir / f"{stem}.safetensors", tensors, metadata)
     if final and cfg.export_diffusers:
         save_diffusers_format(run.run_dir / f"{stem}-diffusers.safetensors", base.components())
+    if final and cfg.export_portable:
+        portable, portable_md = portable_copy(tensors, metadata)
+        if portable:
+            save_adapter(run.run_dir / f"{stem}-portable.safetensors", portable, portable_md)
+        else:
+            run.emit(Log("no portable copy written: this adapter has only projector modules"))
     run.emit(Saved(step=run.step, path=str(path), final=final))
     return path
 
