@@ -223,3 +223,16 @@ def test_unexpected_failure_keeps_the_adapter_so_far(tmp_path):
     assert kept.is_file() and load_file(kept)
     failed = events[-1]
     assert isinstance(failed, Failed) and failed.step == 2 and str(kept) in failed.message
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    """Checkpointing trades compute for memory; the trained LoRA must be the same."""
+    plain = train(quick_config(tmp_path, output_dir=str(tmp_path / "a"), max_train_steps=2,
+                               train_text_encoder=True), base=tiny_base())
+    base = tiny_base()
+    ckpt = train(quick_config(tmp_path, output_dir=str(tmp_path / "b"), max_train_steps=2,
+                              train_text_encoder=True, gradient_checkpointing=True), base=base)
+    assert base.unet.is_gradient_checkpointing and base.text_encoders[0].is_gradient_checkpointing
+    a, b = load_file(plain), load_file(ckpt)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
