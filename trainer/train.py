@@ -34,8 +34,6 @@ class _Run:
     base: BaseModel
     run_dir: Path
     emit: Callable[[Event], None]
-    num_images: int
-    tag_frequency: dict
     started_at: float
     report: DatasetReport
     step: int = 0
@@ -117,8 +115,7 @@ def _setup(config: TrainConfig, base: BaseModel | None, emit: Callable[[Event], 
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.json")
-    return _Run(config=config, base=base, run_dir=run_dir, emit=emit, num_images=report.num_images,
-                tag_frequency=report.tag_frequency, started_at=time.time(), report=report)
+    return _Run(config=config, base=base, run_dir=run_dir, emit=emit, started_at=time.time(), report=report)
 
 
 def _loop(run: _Run, control: Control) -> Path:
@@ -164,7 +161,7 @@ def _loop(run: _Run, control: Control) -> Path:
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     n_params = sum(p.numel() for ps in params.values() for p in ps)
     run.emit(Started(run_dir=str(run.run_dir), total_steps=total, trainable_params=n_params,
-                     num_images=run.num_images))
+                     num_images=run.report.num_images))
     run.emit(Log(f"{base.arch} / {base.prediction_type}, {n_params:,} trainable parameters, "
                  f"{len(dataset)} samples per epoch, {total} steps, device {device}"))
 
@@ -267,8 +264,9 @@ def _metadata(run: _Run) -> dict[str, str]:
     cfg, base = run.config, run.base
     batches = schedules.steps_per_epoch(run.report.num_samples * cfg.repeats, cfg.batch_size, 1)
     return build_metadata(cfg, arch=base.arch, prediction_type=base.prediction_type, base_name=base.name,
-                          resolution=cfg.resolution, num_images=run.num_images, steps=run.step, epoch=run.epoch,
-                          tag_frequency=run.tag_frequency, training_started_at=run.started_at,
+                          resolution=cfg.resolution, num_images=run.report.num_images, steps=run.step,
+                          epoch=run.epoch, tag_frequency=run.report.tag_frequency,
+                          training_started_at=run.started_at,
                           extra={"ss_num_batches_per_epoch": str(batches)})
 
 
