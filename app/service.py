@@ -35,7 +35,7 @@ TARGET_GROUPS = (  # (label, TrainConfig switch, note); a switch the config lack
      "model has; tools that don't know these modules skip them (Advanced: export_portable leaves them out)"),
 )
 MAX_ZIP_BYTES = 4 << 30
-BUILTIN_MODEL_DIR = Path(tconfig.__file__).resolve().parent / "assets" / "builtin"   # = trainer.models.BUILTIN_DIR
+BUILTIN_MODEL_DIR = Path(tconfig.__file__).resolve().parent / "assets" / "builtin"   # = trainer.models.loader.BUILTIN_DIR
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -129,9 +129,9 @@ class Service:
     def warm_up(self) -> None:
         """Import the trainer's heavy modules (torch, diffusers) now, so the first click is not slow.
         Call it from a background thread after the page is up."""
-        import trainer.dataset  # noqa: F401
-        import trainer.generate  # noqa: F401
-        import trainer.train  # noqa: F401
+        import trainer.data.dataset  # noqa: F401
+        import trainer.render.generate  # noqa: F401
+        import trainer.loop.train  # noqa: F401
 
     # -- runs -------------------------------------------------------------------------------
     def run_dir(self, run: str) -> Path:
@@ -254,7 +254,7 @@ class Service:
 
     def bulk_prefix(self, run: str, word: str) -> int:
         """Put ``word`` first in every caption that does not start with it; returns captions changed."""
-        from trainer.dataset import apply_trigger
+        from trainer.data.dataset import apply_trigger
 
         if not word.strip().strip(",").strip():
             raise TrainerError("The trigger word is empty; type one (e.g. 'zkw') first.", field="trigger_word")
@@ -293,7 +293,7 @@ class Service:
         if not d.is_dir() or not self.dataset_items(run):
             return {"num_images": 0, "text": "No images yet. Drop 30-50 images (and their .txt captions, or a "
                     ".zip) above, or import a folder from the server.", "warnings": []}
-        from trainer.dataset import scan_dataset
+        from trainer.data.dataset import scan_dataset
 
         report = scan_dataset(str(d), trigger_word=trigger_word, resolution=resolution or self.native_resolution(model))
         data = report.to_dict()
@@ -310,7 +310,7 @@ class Service:
         model = (model or self.default_model).strip()
         if model in self._renderers:
             return int(self._renderers[model].renderer.base.resolution)
-        # trainer.models knows this too, but importing it (diffusers) takes many seconds; its configs
+        # trainer.models.loader knows this too, but importing it (diffusers) takes many seconds; its configs
         # ship as package data, so read them directly.
         folder = BUILTIN_MODEL_DIR if model == "builtin" else Path(model).expanduser()
         try:  # a diffusers folder: UNet latent size x VAE downscale, as the pipelines compute it
@@ -404,7 +404,7 @@ class Service:
 
     def import_adapter(self, upload: str | Path) -> str:
         """Check an uploaded .safetensors is a LoRA, keep a copy under outputs/_imported; returns its path."""
-        from trainer.adapters import read_lora_file
+        from trainer.files.adapters import read_lora_file
 
         src = Path(upload)
         if src.suffix.lower() != ".safetensors":
@@ -432,7 +432,7 @@ class Service:
         return p
 
     def adapter_info(self, path: str) -> dict[str, Any]:
-        from trainer.adapters import read_lora_file
+        from trainer.files.adapters import read_lora_file
 
         p = self._adapter(path)
         lora = read_lora_file(p)
@@ -462,7 +462,7 @@ class Service:
             if self._renderer_factory is not None:
                 renderer = self._renderer_factory(model)
             else:
-                from trainer.generate import Renderer
+                from trainer.render.generate import Renderer
                 renderer = Renderer.load(model)
             self.model_loads += 1
             self._renderers[model] = _Cached(renderer)
@@ -471,7 +471,7 @@ class Service:
     def render(self, model: str, loras: dict[str, float], prompt: str, negative_prompt: str = "",
                seed: int = 0, steps: int = 20, guidance: float = 7.0, size: int | None = None):
         """One image (PIL) with each adapter at its weight; a changed adapter file is re-attached."""
-        from trainer.generate import RenderSettings
+        from trainer.render.generate import RenderSettings
 
         if not str(prompt).strip():
             raise TrainerError("The prompt is empty; describe the image to render.", field="prompt")
@@ -497,7 +497,7 @@ class Service:
         return [(self.render(model, {adapter: float(s)}, **settings), f"strength {float(s):g}") for s in strengths]
 
     def save_blend(self, pairs: list[tuple[str, float]], name: str) -> str:
-        from trainer.adapters import blend_files
+        from trainer.files.adapters import blend_files
 
         name = name.strip().removesuffix(".safetensors")
         if not RUN_NAME.match(name):
@@ -528,13 +528,13 @@ class Service:
         if fmt == "kohya":
             return str(p)
         if fmt == "portable":  # the kohya file less its projector modules, for tools that complain about them
-            from trainer.export import write_portable_copy
+            from trainer.files.export import write_portable_copy
 
             return str(write_portable_copy(p))
         copy = p.with_name(f"{p.stem}-diffusers.safetensors")
         if copy.is_file() and copy.stat().st_mtime >= p.stat().st_mtime:
             return str(copy)
-        from trainer.export import save_diffusers_format
+        from trainer.files.export import save_diffusers_format
 
         with self._render_lock:
             cached = self._renderer(model or self.adapter_model(path))
@@ -547,7 +547,7 @@ class Service:
 
 
 def _train(config: "tconfig.TrainConfig", **kwargs: Any) -> Path:
-    from trainer.train import train  # imported on first use: it brings torch and diffusers
+    from trainer.loop.train import train  # imported on first use: it brings torch and diffusers
 
     return train(config, **kwargs)
 

@@ -23,8 +23,8 @@ from trainer.config import resolve  # noqa: E402
 from trainer.demo.concept import BACKGROUND, CONCEPT_COLOURS, TRIGGER  # noqa: E402
 from trainer.demo.score import colour_share  # noqa: E402
 from trainer.events import Finished, Progress, Started  # noqa: E402
-from trainer.generate import RenderSettings, Renderer  # noqa: E402
-from trainer.train import train  # noqa: E402
+from trainer.render.generate import RenderSettings, Renderer  # noqa: E402
+from trainer.loop.train import train  # noqa: E402
 
 PROMPT = f"{TRIGGER}, a {TRIGGER} emblem on a white background"
 STRENGTHS = (0.0, 0.5, 1.0)

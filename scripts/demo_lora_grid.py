@@ -14,8 +14,8 @@ from PIL import Image, ImageDraw
 from trainer.config import resolve
 from trainer.demo.concept import CONCEPT_COLOURS, TRIGGER
 from trainer.demo.score import colour_histogram_distance, colour_share
-from trainer.generate import RenderSettings, Renderer
-from trainer.train import train
+from trainer.render.generate import RenderSettings, Renderer
+from trainer.loop.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = f"{TRIGGER}, a {TRIGGER} emblem on a white background"

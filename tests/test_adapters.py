@@ -9,10 +9,10 @@ from safetensors.torch import load_file, save_file
 
 from tests.test_export import assert_differs, assert_rel_close, merge_by_hand_sd1, trained
 from tests.test_lora import outputs
-from trainer.adapters import apply_adapter, attached, blend_files, read_lora_file, remove_adapter, set_weights
+from trainer.files.adapters import apply_adapter, attached, blend_files, read_lora_file, remove_adapter, set_weights
 from trainer.errors import TrainerError
-from trainer.export import lora_state_dict, save_adapter
-from trainer.lora import lora_modules
+from trainer.files.export import lora_state_dict, save_adapter
+from trainer.network.lora import lora_modules
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def _paced_train(config, listeners, control):
     """The real trainer, with each step held for at least STEP_SECONDS so a fast machine still shows the
     page moving between two polls (the UI polls once a second)."""
     from trainer.events import Progress
-    from trainer.train import train
+    from trainer.loop.train import train
 
     def pace(event):
         if isinstance(event, Progress):
@@ -306,7 +306,7 @@ def test_blend_two_adapters(app, page):
     fill(page, "blend-name", "mix")
     page.click("#blend-save")
     page.wait_for_selector("#blend-notice >> text=Saved the blend")
-    from trainer.adapters import read_lora_file
+    from trainer.files.adapters import read_lora_file
     lora = read_lora_file(app.service.outputs / "_blends" / "mix.safetensors")
     merged = lora.metadata["modelspec.merged_from"]
     assert lora.modules and merged.count("lora.safetensors") == 2, merged
@@ -324,7 +324,7 @@ def test_export_download_is_a_valid_adapter(app, page):
         link.click()
     target = app.tmp / "downloaded.safetensors"
     info.value.save_as(target)
-    from trainer.adapters import read_lora_file
+    from trainer.files.adapters import read_lora_file
     lora = read_lora_file(target)
     assert lora.format == "kohya" and lora.modules
     assert all(k.startswith("lora_unet_") for k in lora.modules)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from trainer.cli import main
-from trainer.generate import parse_lora_arg
+from trainer.render.generate import parse_lora_arg
 
 ROOT = Path(__file__).resolve().parent.parent
 

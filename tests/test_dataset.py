@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.dataset import (IMAGE_EXTENSIONS, LoraDataset, apply_trigger, collate, load_image,
+from trainer.data.dataset import (IMAGE_EXTENSIONS, LoraDataset, apply_trigger, collate, load_image,
                              prepare_image, scan_dataset)
 from trainer.errors import TrainerError
-from trainer.images import to_rgb
+from trainer.data.images import to_rgb
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

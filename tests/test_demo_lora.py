@@ -15,9 +15,9 @@ from PIL import Image
 
 from trainer.demo.concept import TRIGGER
 from trainer.demo.score import colour_histogram_distance
-from trainer.generate import RenderSettings, Renderer
-from trainer.models import BUILTIN_DIR
-from trainer.train import train
+from trainer.render.generate import RenderSettings, Renderer
+from trainer.models.loader import BUILTIN_DIR
+from trainer.loop.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = f"{TRIGGER}, a {TRIGGER} emblem on a white background"

@@ -15,11 +15,11 @@ from safetensors.torch import save as st_save
 
 from tests.test_lora import components, outputs
 from tests.tiny_models import build_tiny
-from trainer.adapters import apply_adapter, read_lora_file, set_weights
+from trainer.files.adapters import apply_adapter, read_lora_file, set_weights
 from trainer.config import UNET_CROSS_ATTENTION, TrainConfig
 from trainer.errors import TrainerError
-from trainer.export import build_metadata, lora_state_dict, save_adapter, save_diffusers_format
-from trainer.lora import groups_from_config, inject, lora_modules
+from trainer.files.export import build_metadata, lora_state_dict, save_adapter, save_diffusers_format
+from trainer.network.lora import groups_from_config, inject, lora_modules
 
 
 def trained(arch: str, *, rank: int = 4, alpha: float = 2.0, seed: int = 1, te: bool = True,

@@ -7,9 +7,9 @@ import torch
 from tests.tiny_models import build_tiny
 from trainer.config import TEXT_ENCODER_ATTENTION, UNET_CROSS_ATTENTION, TrainConfig
 from trainer.errors import TrainerError
-from trainer.export import lora_state_dict
-from trainer.kohya import kohya_name, module_name_map, sgm_unet_path
-from trainer.lora import TargetGroup, cast_frozen, count_trainable, groups_from_config, inject, lora_modules
+from trainer.files.export import lora_state_dict
+from trainer.network.kohya import kohya_name, module_name_map, sgm_unet_path
+from trainer.network.lora import TargetGroup, cast_frozen, count_trainable, groups_from_config, inject, lora_modules
 
 
 def components(tiny: dict) -> dict:

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from tests.tiny_models import build_tiny, text_config
-from trainer.checkpoint import read_checkpoint, to_ldm_state_dict
+from trainer.models.checkpoint import read_checkpoint, to_ldm_state_dict
 from trainer.errors import TrainerError
-from trainer.models import (CONFIGS_DIR, BaseModel, detect_checkpoint, encode_prompts, load_base_model, make_pipeline,
+from trainer.models.loader import (CONFIGS_DIR, BaseModel, detect_checkpoint, encode_prompts, load_base_model, make_pipeline,
                             save_config_folder, save_single_file)
 
 
@@ -91,7 +91,7 @@ def test_builtin_is_deterministic_and_cached(builtin, cache_home, tmp_path, monk
 
 def test_builtin_exports_as_a_single_file_checkpoint(builtin, tmp_path):
     """The demo model goes through the same single-file path as a user's civitai checkpoint."""
-    from trainer.models import BUILTIN_DIR
+    from trainer.models.loader import BUILTIN_DIR
     path = save_single_file(builtin, tmp_path / "builtin.safetensors")
     assert detect_checkpoint(read_checkpoint(path).keys()) == ("sd1", "epsilon")
     assert_same_model(builtin, load_base_model(str(path), config_dir=str(BUILTIN_DIR)))

@@ -12,16 +12,16 @@ from transformers import CLIPTextModelWithProjection
 
 from tests.test_train import dataset_batch, fixed_batch_loss, quick_config
 from tests.tiny_models import build_tiny, text_config
-from trainer import schedules
-from trainer.adapters import apply_adapter, blend_files, read_lora_file, set_weights
+from trainer.loop import schedules
+from trainer.files.adapters import apply_adapter, blend_files, read_lora_file, set_weights
 from trainer.cli import build_parser, config_from_args
 from trainer.config import TrainConfig
 from trainer.errors import TrainerError
-from trainer.export import (GROUPS_KEY, PROJECTORS_KEY, build_metadata, lora_state_dict, portable_copy,
+from trainer.files.export import (GROUPS_KEY, PROJECTORS_KEY, build_metadata, lora_state_dict, portable_copy,
                             projector_metadata, save_adapter, write_portable_copy)
-from trainer.lora import delete_adapter, find_projectors, groups_from_config, inject, lora_modules
-from trainer.models import BaseModel, encode_prompts
-from trainer.train import make_optimizer, train
+from trainer.network.lora import delete_adapter, find_projectors, groups_from_config, inject, lora_modules
+from trainer.models.loader import BaseModel, encode_prompts
+from trainer.loop.train import make_optimizer, train
 
 
 def sd1_with_projector(seed: int = 0) -> dict:

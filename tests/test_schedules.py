@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from trainer import schedules
+from trainer.loop import schedules
 
 
 def test_step_counts():

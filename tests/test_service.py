@@ -126,14 +126,14 @@ def test_import_folder_and_report_warns_outside_30_to_50(service, tmp_path):
 def test_image_extensions_match_the_trainer():
     """app/service.py keeps its own copy so the page starts without importing torch; it must not drift."""
     from app.service import IMAGE_EXTENSIONS
-    from trainer.images import IMAGE_EXTENSIONS as TRAINER_EXTENSIONS
+    from trainer.data.images import IMAGE_EXTENSIONS as TRAINER_EXTENSIONS
 
     assert IMAGE_EXTENSIONS == TRAINER_EXTENSIONS
 
 
 def test_native_resolution_of_builtin_comes_from_its_configs(service):
     from app.service import BUILTIN_MODEL_DIR
-    from trainer.models import BUILTIN_DIR
+    from trainer.models.loader import BUILTIN_DIR
 
     assert BUILTIN_MODEL_DIR == BUILTIN_DIR
     assert service.native_resolution("builtin") == 64

@@ -9,12 +9,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.tiny_models import build_tiny
-from trainer import schedules
+from trainer.loop import schedules
 from trainer.config import TrainConfig
 from trainer.events import Control, Finished, Progress, Saved, Started
-from trainer.lora import groups_from_config, inject
-from trainer.models import BaseModel, encode_prompts
-from trainer.train import train
+from trainer.network.lora import groups_from_config, inject
+from trainer.models.loader import BaseModel, encode_prompts
+from trainer.loop.train import train
 
 COLOURS = [(220, 30, 30), (30, 200, 60), (40, 60, 220), (240, 200, 20)]
 
@@ -59,7 +59,7 @@ def fixed_batch_loss(base: BaseModel, pixels: torch.Tensor, captions: list[str])
 
 
 def dataset_batch(config: TrainConfig) -> dict:
-    from trainer.dataset import LoraDataset, collate, scan_dataset
+    from trainer.data.dataset import LoraDataset, collate, scan_dataset
     dataset = LoraDataset(scan_dataset(config.data_dir, resolution=config.resolution), config.resolution)
     return collate([dataset[i] for i in range(len(dataset))])
 
@@ -70,7 +70,7 @@ def test_overfit_fixed_batch_loss_falls(tmp_path):
     A random tiny UNet has no denoising ability for attention-only LoRA to steer, so this uses
     LoRA on every linear and conv layer (LoCon-style targets) to show the gradient path works.
     """
-    from trainer.train import diffusion_loss, make_optimizer
+    from trainer.loop.train import diffusion_loss, make_optimizer
     base = tiny_base()
     every_layer = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                    "conv1", "conv2", "conv_in", "conv_out", "conv_shortcut"]
@@ -197,7 +197,7 @@ def test_fp16_without_gpu_is_a_clear_error(tmp_path):
 
 def test_single_file_checkpoint_loads_and_trains(tmp_path):
     """A user's single-file .safetensors (written here in the original LDM layout) trains."""
-    from trainer.models import load_base_model, save_config_folder, save_single_file
+    from trainer.models.loader import load_base_model, save_config_folder, save_single_file
     tiny = tiny_base()
     ckpt = save_single_file(tiny, tmp_path / "model.safetensors")
     configs = save_config_folder(tiny, tmp_path / "configs")

@@ -112,7 +112,7 @@ def config_from_args(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .events import Control
-    from .train import train
+    from .loop.train import train
     from .console import ConsoleProgress
 
     config = config_from_args(args)
@@ -135,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import RenderSettings, Renderer, parse_lora_arg
+    from .render.generate import RenderSettings, Renderer, parse_lora_arg
 
     loras = dict(parse_lora_arg(item) for item in args.lora)
     for path in loras:
@@ -152,7 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .dataset import scan_dataset
+    from .data.dataset import scan_dataset
 
     print(scan_dataset(args.data, trigger_word=args.trigger, resolution=args.resolution).summary())
     return 0

@@ -20,7 +20,7 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 # Module name suffixes (PEFT ``target_modules`` style, matched against full module paths).
 UNET_CROSS_ATTENTION = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 TEXT_ENCODER_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
-# Projector layers: modules that carry one modality's features into another's space (see lora.find_projectors).
+# Projector layers: modules that carry one modality's features into another's space (see network.lora.find_projectors).
 PROJECTOR_KINDS = ("encoder_hid_proj", "add_embedding", "text_projection")
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")

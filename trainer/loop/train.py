@@ -15,13 +15,13 @@ from typing import Callable, Iterable
 import torch
 
 from . import schedules
-from .config import TrainConfig
-from .dataset import DatasetReport, LoraDataset, collate, scan_dataset
-from .errors import TrainerError
-from .events import Control, Event, Failed, Finished, Listener, Log, Progress, Sample, Saved, Started
-from .export import build_metadata, lora_state_dict, save_adapter, save_diffusers_format
-from .lora import cast_frozen, describe_group, groups_from_config, inject
-from .models import BaseModel, encode_prompts, load_base_model, make_pipeline
+from ..config import TrainConfig
+from ..data.dataset import DatasetReport, LoraDataset, collate, scan_dataset
+from ..errors import TrainerError
+from ..events import Control, Event, Failed, Finished, Listener, Log, Progress, Sample, Saved, Started
+from ..files.export import build_metadata, lora_state_dict, save_adapter, save_diffusers_format
+from ..network.lora import cast_frozen, describe_group, groups_from_config, inject
+from ..models.loader import BaseModel, encode_prompts, load_base_model, make_pipeline
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -271,7 +271,7 @@ def _metadata(run: _Run) -> dict[str, str]:
 
 
 def _save(run: _Run, *, final: bool) -> Path:
-    from .export import GROUPS_KEY, groups_json, portable_copy, projector_metadata
+    from ..files.export import GROUPS_KEY, groups_json, portable_copy, projector_metadata
 
     cfg, base = run.config, run.base
     stem = cfg.name if final else f"{cfg.name}-step{run.step:06d}"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import TrainerError
-from .fileio import atomic_write
+from ..errors import TrainerError
+from ..fileio import atomic_write
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 

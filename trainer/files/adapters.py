@@ -13,10 +13,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .errors import TrainerError
+from ..errors import TrainerError
 from .export import save_adapter
-from .kohya import kohya_name, module_name_map
-from .lora import delete_adapter, inject_peft, lora_config_for, lora_modules, set_active
+from ..network.kohya import kohya_name, module_name_map
+from ..network.lora import delete_adapter, inject_peft, lora_config_for, lora_modules, set_active
 
 _PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _LYCORIS = ("hada_", "lokr_", "lora_mid", "dora_scale", "diff", "oft_", "w_norm", "b_norm")   # kohya-named parts

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import TrainerError
+from ..errors import TrainerError
 from .images import (DECODE_ERRORS, IMAGE_EXTENSIONS, crop_square, decode_reason, load_image,
                      prepare_image, read_rgb, resize_short_side, to_uint8_tensor, to_unit_range)
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from .errors import TrainerError
+from ..errors import TrainerError
 
 try:  # colour management needs Pillow built with littlecms (the official wheels are)
     from PIL import ImageCms

@@ -19,12 +19,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .checkpoint import (CHECKPOINT_SUFFIXES, detect_checkpoint, read_checkpoint, to_ldm_state_dict,
                          unet_with_extras, write_checkpoint)
-from .errors import TrainerError
+from ..errors import TrainerError
 
 __all__ = ["BaseModel", "load_base_model", "detect_checkpoint", "make_pipeline", "encode_prompts",
            "save_single_file", "save_config_folder", "make_tokenizers"]
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_DIR = ASSETS / "builtin"
 CONFIGS_DIR = ASSETS / "configs"
 BUILTIN_SEED = 0  # weights of the built-in model when it ships configs only

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .adapters import apply_adapter, read_lora_file, remove_adapter, set_weights
-from .errors import TrainerError
-from .models import BaseModel, load_base_model, make_pipeline
+from ..files.adapters import apply_adapter, read_lora_file, remove_adapter, set_weights
+from ..errors import TrainerError
+from ..models.loader import BaseModel, load_base_model, make_pipeline
 
 
 @dataclass

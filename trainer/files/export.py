@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .config import TrainConfig
-from .errors import TrainerError
-from .fileio import atomic_write_bytes
-from .kohya import kohya_name
-from .lora import TargetGroup, groups_from_config, lora_modules
+from ..config import TrainConfig
+from ..errors import TrainerError
+from ..fileio import atomic_write_bytes
+from ..network.kohya import kohya_name
+from ..network.lora import TargetGroup, groups_from_config, lora_modules
 
 GROUPS_KEY = "lora_trainer.target_groups"   # our own key: JSON list of the trained groups
 FORMAT_KEY = "lora_trainer.format"

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .errors import TrainerError
+from ..config import TrainConfig
+from ..errors import TrainerError
 from .kohya import adaptable_modules
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from typing import Any, Iterator, Mapping
 
 from torch import nn
 
-from .errors import TrainerError
+from ..errors import TrainerError
 
 ARCHS = ("sd1", "sd2", "sdxl")
 

@@ -1,0 +1,1 @@
+"""Data: dataset scanning and the report, image decoding, the torch dataset the loop reads."""

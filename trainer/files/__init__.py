@@ -1,0 +1,1 @@
+"""Adapter files: export (kohya/SGM keys, metadata, hashes), import of other spellings, blending."""

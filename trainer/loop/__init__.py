@@ -1,0 +1,1 @@
+"""The training loop and its pure maths (timesteps, noise, loss weighting, LR schedules)."""

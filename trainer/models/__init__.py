@@ -1,0 +1,2 @@
+"""Base models: loading (built-in, diffusers folder, single-file checkpoint, hub id), prompt encoding,
+pipelines."""

@@ -1,0 +1,1 @@
+"""The adapter network: target groups, PEFT injection, kohya/SGM module names."""

@@ -1,0 +1,1 @@
+"""Rendering: the Renderer that draws prompts with adapters attached at chosen strengths."""
