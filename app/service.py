@@ -6,7 +6,6 @@ Everything the UI shows comes from here as plain Python values; failures are ``T
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import re
 import shutil
@@ -53,26 +52,17 @@ class FieldSpec:
 
 
 def config_fields() -> list[FieldSpec]:
-    """Every user-facing TrainConfig field, in declaration order, with its source comment as help."""
-    helps, sections, section = {}, {}, ""
-    for line in inspect.getsource(tconfig.TrainConfig).splitlines():
-        head = re.match(r"\s+# --- (.+?) -+", line)
-        if head:
-            section = head.group(1)
-            continue
-        m = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
-        if m:
-            helps[m.group(1)] = (m.group(2) or "").strip()
-            sections[m.group(1)] = section
+    """Every user-facing TrainConfig field, in declaration order, with the help, section and choices its
+    metadata carries."""
     specs = []
     for f in dataclasses.fields(tconfig.TrainConfig):
         if f.name in MANAGED_FIELDS:
             continue
         default = getattr(tconfig.TrainConfig(), f.name)
-        choices = tuple(getattr(tconfig, f.name.upper() + "S", ()) or ())
+        section, help_, choices = tconfig.field_info(f.name)
         kind = ("choice" if choices else "bool" if isinstance(default, bool) else "int" if isinstance(default, int)
                 else "float" if isinstance(default, float) else "list" if isinstance(default, list) else "str")
-        specs.append(FieldSpec(f.name, kind, default, choices, helps.get(f.name, ""), sections.get(f.name, "")))
+        specs.append(FieldSpec(f.name, kind, default, choices, help_, section))
     return specs
 
 

@@ -30,6 +30,25 @@ ARCHS = ("auto", "sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 
 
+def _section(name: str):
+    """A field factory for one section of the settings form: ``_network(16, "help the UI shows")``.
+    Help text, section and choices live in the field's metadata (see ``field_info``)."""
+    def setting(default: Any, help: str = "", *, choices: tuple[str, ...] = ()) -> Any:
+        meta = {"section": name, "help": help, "choices": tuple(choices)}
+        if isinstance(default, list):
+            return field(default_factory=lambda: list(default), metadata=meta)
+        return field(default=default, metadata=meta)
+    return setting
+
+
+_model = _section("base model")
+_data = _section("dataset")
+_output = _section("output")
+_network = _section("network")
+_optim = _section("optimisation")
+_sampling = _section("sampling during training")
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training run, with the default used for 30-50 images."""
@@ -37,83 +56,79 @@ class TrainConfig:
     version: int = CONFIG_VERSION
 
     # --- base model -------------------------------------------------------------------
-    model: str = "builtin"            # "builtin", a diffusers folder, a .safetensors/.ckpt file, or a hub id
-    arch: str = "auto"                # auto-detect, or force sd1 / sd2 / sdxl
-    prediction_type: str = "auto"     # auto-detect (v_prediction for SD2-768), or force
+    model: str = _model("builtin", '"builtin", a diffusers folder, a .safetensors/.ckpt file, or a hub id')
+    arch: str = _model("auto", "auto-detect, or force sd1 / sd2 / sdxl", choices=ARCHS)
+    prediction_type: str = _model(
+        "auto", "auto-detect (v_prediction for SD2-768), or force", choices=PREDICTION_TYPES)
 
     # --- dataset ----------------------------------------------------------------------
-    data_dir: str = ""                # images + same-stem .txt captions (kohya convention)
-    trigger_word: str = ""            # prepended to every caption; used alone when a caption is missing
-    resolution: int = 0               # square training size in pixels (multiple of 8); 0 = the model's native size
-    center_crop: bool = True          # centre crop after resizing the short side; False = random crop
-    random_flip: bool = False         # horizontal flip augmentation (off: breaks asymmetric subjects)
-    repeats: int = 1                  # each image is seen this many times per epoch
-    caption_dropout: float = 0.0      # probability of training on an empty caption
+    data_dir: str = _data("", "images + same-stem .txt captions (kohya convention)")
+    trigger_word: str = _data("", "prepended to every caption; used alone when a caption is missing")
+    resolution: int = _data(0, "square training size in pixels (multiple of 8); 0 = the model's native size")
+    center_crop: bool = _data(True, "centre crop after resizing the short side; False = random crop")
+    random_flip: bool = _data(False, "horizontal flip augmentation (off: breaks asymmetric subjects)")
+    repeats: int = _data(1, "each image is seen this many times per epoch")
+    caption_dropout: float = _data(0.0, "probability of training on an empty caption")
 
     # --- output -----------------------------------------------------------------------
-    output_dir: str = "outputs"       # the run folder: adapter, config, samples, checkpoints
-    name: str = "lora"                # file stem of the exported adapter
-    save_every_n_steps: int = 0       # intermediate adapters (0 = only at the end)
-    export_diffusers: bool = False    # also write a diffusers/PEFT-format copy
-    export_portable: bool = False     # also write <name>-portable.safetensors without projector modules
+    output_dir: str = _output("outputs", "the run folder: adapter, config, samples, checkpoints")
+    name: str = _output("lora", "file stem of the exported adapter")
+    save_every_n_steps: int = _output(0, "intermediate adapters (0 = only at the end)")
+    export_diffusers: bool = _output(False, "also write a diffusers/PEFT-format copy")
+    export_portable: bool = _output(False, "also write <name>-portable.safetensors without projector modules")
 
     # --- network ----------------------------------------------------------------------
-    rank: int = 16                    # LoRA rank r (16-32 typical for characters and styles)
-    alpha: float = 8.0                # scale = alpha / r; rank/2 is the common choice
-    train_unet: bool = True
-    unet_targets: list[str] = field(default_factory=lambda: list(UNET_CROSS_ATTENTION))
-    train_text_encoder: bool = False
-    text_encoder_rank: int = 0        # 0 = same as rank
-    text_encoder_alpha: float = 0.0   # 0 = same as alpha
-    text_encoder_lr: float = 5e-5
-    text_encoder_targets: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_ATTENTION))
-    train_projector: bool = False     # projector layers: encoder_hid_proj, add_embedding, text_projection
-    projector_rank: int = 0           # 0 = same as rank
-    projector_alpha: float = 0.0      # 0 = same as alpha
-    projector_lr: float = 1e-4
-    projector_targets: list[str] = field(default_factory=list)  # empty = all the model has; else module paths
+    rank: int = _network(16, "LoRA rank r (16-32 typical for characters and styles)")
+    alpha: float = _network(8.0, "scale = alpha / r; rank/2 is the common choice")
+    train_unet: bool = _network(True)
+    unet_targets: list[str] = _network(list(UNET_CROSS_ATTENTION))
+    train_text_encoder: bool = _network(False)
+    text_encoder_rank: int = _network(0, "0 = same as rank")
+    text_encoder_alpha: float = _network(0.0, "0 = same as alpha")
+    text_encoder_lr: float = _network(5e-5)
+    text_encoder_targets: list[str] = _network(list(TEXT_ENCODER_ATTENTION))
+    train_projector: bool = _network(False, "projector layers: encoder_hid_proj, add_embedding, text_projection")
+    projector_rank: int = _network(0, "0 = same as rank")
+    projector_alpha: float = _network(0.0, "0 = same as alpha")
+    projector_lr: float = _network(1e-4)
+    projector_targets: list[str] = _network([], "empty = all the model has; else module paths")
 
     # --- optimisation -----------------------------------------------------------------
-    learning_rate: float = 1e-4       # UNet LoRA learning rate
-    max_train_steps: int = 0          # optimizer steps; 0 = derive from epochs
-    epochs: int = 10
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    optimizer: str = "adamw"          # adamw, or adamw8bit when bitsandbytes is installed
-    weight_decay: float = 1e-2
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0        # 0 disables clipping
-    lr_scheduler: str = "cosine"
-    lr_warmup_steps: int = 0
-    mixed_precision: str = "no"       # no / fp16 / bf16 (frozen weights only; LoRA stays fp32)
-    gradient_checkpointing: bool = False
-    min_snr_gamma: float = 5.0        # min-SNR loss weighting; 0 disables
-    noise_offset: float = 0.0         # 0.05-0.1 helps very dark/bright images
-    seed: int = 42
+    learning_rate: float = _optim(1e-4, "UNet LoRA learning rate")
+    max_train_steps: int = _optim(0, "optimizer steps; 0 = derive from epochs")
+    epochs: int = _optim(10)
+    batch_size: int = _optim(1)
+    gradient_accumulation_steps: int = _optim(1)
+    optimizer: str = _optim("adamw", "adamw, or adamw8bit when bitsandbytes is installed", choices=OPTIMIZERS)
+    weight_decay: float = _optim(1e-2)
+    adam_beta1: float = _optim(0.9)
+    adam_beta2: float = _optim(0.999)
+    adam_epsilon: float = _optim(1e-8)
+    max_grad_norm: float = _optim(1.0, "0 disables clipping")
+    lr_scheduler: str = _optim("cosine", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _optim(0)
+    mixed_precision: str = _optim(
+        "no", "no / fp16 / bf16 (frozen weights only; LoRA stays fp32)", choices=MIXED_PRECISIONS)
+    gradient_checkpointing: bool = _optim(False)
+    min_snr_gamma: float = _optim(5.0, "min-SNR loss weighting; 0 disables")
+    noise_offset: float = _optim(0.0, "0.05-0.1 helps very dark/bright images")
+    seed: int = _optim(42)
 
     # --- sampling during training -----------------------------------------------------
-    sample_every_n_steps: int = 0     # 0 = no samples during training
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_steps: int = 20
-    sample_guidance: float = 7.0
+    sample_every_n_steps: int = _sampling(0, "0 = no samples during training")
+    sample_prompts: list[str] = _sampling([])
+    sample_steps: int = _sampling(20)
+    sample_guidance: float = _sampling(7.0)
 
     # ---------------------------------------------------------------------------------
     def validate(self) -> dict[str, str]:
         """Return ``{field: message}`` for every invalid field (empty when valid)."""
         e: dict[str, str] = {}
 
-        def choice(name: str, options: tuple[str, ...]) -> None:
-            value = getattr(self, name)
-            if value not in options:
-                e[name] = f"{value!r} is not one of {', '.join(options)}; pick one of those."
-
-        choice("arch", ARCHS)
-        choice("prediction_type", PREDICTION_TYPES)
-        choice("mixed_precision", MIXED_PRECISIONS)
-        choice("lr_scheduler", LR_SCHEDULERS)
-        choice("optimizer", OPTIMIZERS)
+        for f in dataclasses.fields(self):
+            options, value = f.metadata.get("choices"), getattr(self, f.name)
+            if options and value not in options:
+                e[f.name] = f"{value!r} is not one of {', '.join(options)}; pick one of those."
         if not str(self.model).strip():
             e["model"] = "is empty; give 'builtin', a model folder, a checkpoint file or a hub id."
         if self.resolution != 0 and (self.resolution < 64 or self.resolution % 8):
@@ -198,6 +213,12 @@ class TrainConfig:
 
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def field_info(name: str) -> tuple[str, str, tuple[str, ...]]:
+    """(section, help, choices) of a TrainConfig field, from its metadata ("" / () where it has none)."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}[name]
+    return meta.get("section", ""), meta.get("help", ""), tuple(meta.get("choices", ()))
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
