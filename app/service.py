@@ -34,7 +34,7 @@ TARGET_GROUPS = (  # (label, TrainConfig switch, note); a switch the config lack
      "model has; tools that don't know these modules skip them (Advanced: export_portable leaves them out)"),
 )
 MAX_ZIP_BYTES = 4 << 30
-BUILTIN_MODEL_DIR = Path(tconfig.__file__).resolve().parent / "assets" / "builtin"   # = trainer.models.loader.BUILTIN_DIR
+BUILTIN_MODEL_DIR = Path(tconfig.__file__).resolve().parent / "assets" / "builtin"   # = trainer.models.builtin.BUILTIN_DIR
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -119,7 +119,7 @@ class Service:
     def warm_up(self) -> None:
         """Import the trainer's heavy modules (torch, diffusers) now, so the first click is not slow.
         Call it from a background thread after the page is up."""
-        import trainer.data.dataset  # noqa: F401
+        import trainer.data.scan  # noqa: F401
         import trainer.render.generate  # noqa: F401
         import trainer.loop.train  # noqa: F401
 
@@ -244,7 +244,7 @@ class Service:
 
     def bulk_prefix(self, run: str, word: str) -> int:
         """Put ``word`` first in every caption that does not start with it; returns captions changed."""
-        from trainer.data.dataset import apply_trigger
+        from trainer.data.scan import apply_trigger
 
         if not word.strip().strip(",").strip():
             raise TrainerError("The trigger word is empty; type one (e.g. 'zkw') first.", field="trigger_word")
@@ -283,7 +283,7 @@ class Service:
         if not d.is_dir() or not self.dataset_items(run):
             return {"num_images": 0, "text": "No images yet. Drop 30-50 images (and their .txt captions, or a "
                     ".zip) above, or import a folder from the server.", "warnings": []}
-        from trainer.data.dataset import scan_dataset
+        from trainer.data.scan import scan_dataset
 
         report = scan_dataset(str(d), trigger_word=trigger_word, resolution=resolution or self.native_resolution(model))
         data = report.to_dict()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.data.dataset import (IMAGE_EXTENSIONS, LoraDataset, apply_trigger, collate, load_image,
-                             prepare_image, scan_dataset)
+from trainer.data.dataset import LoraDataset, collate
+from trainer.data.images import IMAGE_EXTENSIONS, load_image, prepare_image, to_rgb
+from trainer.data.scan import apply_trigger, scan_dataset
 from trainer.errors import TrainerError
-from trainer.data.images import to_rgb
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

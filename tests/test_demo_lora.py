@@ -16,7 +16,7 @@ from PIL import Image
 from trainer.demo.concept import TRIGGER
 from trainer.demo.score import colour_histogram_distance
 from trainer.render.generate import RenderSettings, Renderer
-from trainer.models.loader import BUILTIN_DIR
+from trainer.models.builtin import BUILTIN_DIR
 from trainer.loop.train import train
 
 ROOT = Path(__file__).resolve().parent.parent

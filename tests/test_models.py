@@ -91,7 +91,7 @@ def test_builtin_is_deterministic_and_cached(builtin, cache_home, tmp_path, monk
 
 def test_builtin_exports_as_a_single_file_checkpoint(builtin, tmp_path):
     """The demo model goes through the same single-file path as a user's civitai checkpoint."""
-    from trainer.models.loader import BUILTIN_DIR
+    from trainer.models.builtin import BUILTIN_DIR
     path = save_single_file(builtin, tmp_path / "builtin.safetensors")
     assert detect_checkpoint(read_checkpoint(path).keys()) == ("sd1", "epsilon")
     assert_same_model(builtin, load_base_model(str(path), config_dir=str(BUILTIN_DIR)))

@@ -133,7 +133,7 @@ def test_image_extensions_match_the_trainer():
 
 def test_native_resolution_of_builtin_comes_from_its_configs(service):
     from app.service import BUILTIN_MODEL_DIR
-    from trainer.models.loader import BUILTIN_DIR
+    from trainer.models.builtin import BUILTIN_DIR
 
     assert BUILTIN_MODEL_DIR == BUILTIN_DIR
     assert service.native_resolution("builtin") == 64

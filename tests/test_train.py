@@ -59,7 +59,8 @@ def fixed_batch_loss(base: BaseModel, pixels: torch.Tensor, captions: list[str])
 
 
 def dataset_batch(config: TrainConfig) -> dict:
-    from trainer.data.dataset import LoraDataset, collate, scan_dataset
+    from trainer.data.dataset import LoraDataset, collate
+    from trainer.data.scan import scan_dataset
     dataset = LoraDataset(scan_dataset(config.data_dir, resolution=config.resolution), config.resolution)
     return collate([dataset[i] for i in range(len(dataset))])
 

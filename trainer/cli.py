@@ -152,7 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .data.dataset import scan_dataset
+    from .data.scan import scan_dataset
 
     print(scan_dataset(args.data, trigger_word=args.trigger, resolution=args.resolution).summary())
     return 0

@@ -16,7 +16,8 @@ import torch
 
 from . import schedules
 from ..config import TrainConfig
-from ..data.dataset import DatasetReport, LoraDataset, collate, scan_dataset
+from ..data.dataset import LoraDataset, collate
+from ..data.scan import DatasetReport, scan_dataset
 from ..errors import TrainerError
 from ..events import Control, Event, Failed, Finished, Listener, Log, Progress, Sample, Saved, Started
 from ..files.export import build_metadata, lora_state_dict, save_adapter, save_diffusers_format

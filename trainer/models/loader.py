@@ -3,11 +3,8 @@ encode prompts for training, and save single-file checkpoints (key conversion li
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,21 +12,18 @@ import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
                        EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from ..errors import TrainerError
+from .builtin import builtin_folder
 from .checkpoint import (CHECKPOINT_SUFFIXES, detect_checkpoint, read_checkpoint, to_ldm_state_dict,
                          unet_with_extras, write_checkpoint)
-from ..errors import TrainerError
 
 __all__ = ["BaseModel", "load_base_model", "detect_checkpoint", "make_pipeline", "encode_prompts",
            "save_single_file", "save_config_folder", "make_tokenizers"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-BUILTIN_DIR = ASSETS / "builtin"
 CONFIGS_DIR = ASSETS / "configs"
-BUILTIN_SEED = 0  # weights of the built-in model when it ships configs only
-BUILTIN_WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                   "text_encoder/model.safetensors")
 ARCHS = ("sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SAMPLERS = {"dpmpp": (DPMSolverMultistepScheduler, {}), "euler": (EulerDiscreteScheduler, {}),
@@ -226,53 +220,8 @@ def _folder_tokenizers(source: str, index: dict, arch: str, local_only: bool) ->
 # the built-in model
 
 def _load_builtin(arch: str, prediction_type: str) -> BaseModel:
-    """The shipped weights when present, else weights built once from the shipped configs."""
-    folder = BUILTIN_DIR if _has_weights(BUILTIN_DIR) else _builtin_cache()
-    return _load_diffusers(str(folder), "builtin", "builtin", arch, prediction_type, local_only=True,
+    return _load_diffusers(str(builtin_folder()), "builtin", "builtin", arch, prediction_type, local_only=True,
                            is_builtin=True)
-
-
-def _has_weights(folder: Path) -> bool:
-    return all((folder / f).is_file() for f in BUILTIN_WEIGHTS)
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-trainer"
-
-
-def _builtin_cache() -> Path:
-    """Weights built from the shipped configs with a fixed seed, cached under the user cache dir."""
-    digest = hashlib.sha256(str(BUILTIN_SEED).encode())
-    for config in sorted(BUILTIN_DIR.glob("*/config.json")):
-        digest.update(config.parent.name.encode() + config.read_bytes())
-    target = _cache_root() / f"builtin-{digest.hexdigest()[:12]}"
-    if not _has_weights(target):
-        _build_builtin(target)
-    return target
-
-
-def _build_builtin(target: Path) -> None:
-    """Build in a temp folder and rename it into place, so a cache folder is always complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".builtin-", dir=target.parent))
-    try:
-        shutil.copytree(BUILTIN_DIR, tmp, dirs_exist_ok=True)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(BUILTIN_SEED)
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(BUILTIN_DIR / "unet"))
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(BUILTIN_DIR / "vae"))
-            encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(BUILTIN_DIR / "text_encoder"))
-        unet.save_pretrained(tmp / "unet")
-        vae.save_pretrained(tmp / "vae")
-        encoder.save_pretrained(tmp / "text_encoder")
-        shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier attempt
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not _has_weights(target):  # else another process finished first: keep its copy
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # single files
