@@ -1,6 +1,7 @@
 """Step 1, Dataset: drop images (+ .txt captions, or a .zip), edit a caption per image, bulk edits, report."""
 from __future__ import annotations
 
+import functools
 import html
 from dataclasses import dataclass
 from typing import Callable
@@ -20,6 +21,24 @@ class DatasetTab:
     status: gr.HTML
     trigger: gr.Textbox      # the run's trigger word (TrainConfig.trigger_word lives here, next to captions)
     connect: Callable[[list[gr.components.Component]], None]   # wires events once the Train tab exists
+
+
+@dataclass
+class _Controls:
+    """The tab's components that events read or write."""
+
+    upload: gr.File
+    trigger: gr.Textbox
+    folder: gr.Textbox
+    import_btn: gr.Button
+    status: gr.HTML
+    report: gr.HTML
+    prefix_btn: gr.Button
+    clear_btn: gr.Button
+    find: gr.Textbox
+    replace: gr.Textbox
+    replace_btn: gr.Button
+    items: gr.State
 
 
 def refresh(service: Service, run: str, trigger: str = "", resolution: int = 0, model: str = ""):
@@ -61,6 +80,21 @@ def build(service: Service, run: gr.Dropdown) -> DatasetTab:
     gr.Markdown("Drop **30–50 images** of your subject or style. A `.txt` caption with the same file name "
                 "as an image is matched to it (or write captions below); a `.zip` works too. Everything is "
                 "saved in the run folder, so reloading the page loses nothing.")
+    upload, trigger, folder, import_btn = _upload_row()
+    status = gr.HTML(elem_id="dataset-status")
+    report = gr.HTML(elem_id="dataset-report")
+    prefix_btn, clear_btn, find, replace, replace_btn = _bulk_edits()
+    items = gr.State({"run": "", "items": []})
+    _caption_cards(service, items, status)
+    ui = _Controls(upload, trigger, folder, import_btn, status, report, prefix_btn, clear_btn, find, replace,
+                   replace_btn, items)
+    return DatasetTab(items=items, report=report, status=status, trigger=trigger,
+                      connect=functools.partial(_connect, service, run, ui))
+
+
+# -- layout ----------------------------------------------------------------------------------
+def _upload_row() -> tuple[gr.File, gr.Textbox, gr.Textbox, gr.Button]:
+    """The drop zone beside the trigger word and the server-folder import."""
     with gr.Row(equal_height=True):
         upload = gr.File(label="Drop images, .txt captions or a .zip here", file_count="multiple",
                          file_types=UPLOAD_TYPES, elem_id="dataset-upload", height=150, scale=3)
@@ -72,8 +106,10 @@ def build(service: Service, run: gr.Dropdown) -> DatasetTab:
                 folder = gr.Textbox(label="…or import a folder on the server", placeholder="/data/my-images",
                                     elem_id="dataset-folder")
                 import_btn = gr.Button("Import folder", size="sm", elem_id="import-btn")
-    status = gr.HTML(elem_id="dataset-status")
-    report = gr.HTML(elem_id="dataset-report")
+    return upload, trigger, folder, import_btn
+
+
+def _bulk_edits() -> tuple[gr.Button, gr.Button, gr.Textbox, gr.Textbox, gr.Button]:
     with gr.Accordion("Bulk caption edits", open=False, elem_id="bulk-accordion"):
         with gr.Row(equal_height=True):
             prefix_btn = gr.Button("Write the trigger word into every caption", size="sm")
@@ -82,7 +118,11 @@ def build(service: Service, run: gr.Dropdown) -> DatasetTab:
             find = gr.Textbox(label="Find", scale=2)
             replace = gr.Textbox(label="Replace with", scale=2)
             replace_btn = gr.Button("Replace in all captions", size="sm", scale=1)
-    items = gr.State({"run": "", "items": []})
+    return prefix_btn, clear_btn, find, replace, replace_btn
+
+
+def _caption_cards(service: Service, items: gr.State, status: gr.HTML) -> None:
+    """A card per image (picture, name, caption box, Remove), five to a row, drawn again when ``items`` changes."""
 
     @gr.render(inputs=[items])
     def cards(state: dict):
@@ -117,43 +157,43 @@ def build(service: Service, run: gr.Dropdown) -> DatasetTab:
                 for pad in range(5 - len(rows[start:start + 5])):  # keep the last row's cards card-sized
                     gr.Column(min_width=150, key=f"pad-{pad}")
 
-    def connect(settings: list[gr.components.Component]) -> None:
-        """``settings`` = [resolution, model] from the Train tab: the report checks sizes against them."""
-        ctx = [run, trigger, *settings]
-        outs = [status, items, report]
 
+# -- wiring ----------------------------------------------------------------------------------
+def _connect(service: Service, run: gr.Dropdown, ui: _Controls, settings: list[gr.components.Component]) -> None:
+    """``settings`` = [resolution, model] from the Train tab: the report checks sizes against them."""
+    ctx = [run, ui.trigger, *settings]
+    outs = [ui.status, ui.items, ui.report]
+
+    @guard
+    def on_upload(files: list[str] | None, run_name: str, trig: str, res, model: str):
+        note = service.add_files(run_name, files or [])
+        return (None, notice(note, "ok"), _state(service, run_name),
+                _report_html(service, run_name, trig, res, model))
+
+    @guard
+    def on_import(path: str, run_name: str, trig: str, res, model: str):
+        note = service.import_folder(run_name, path)
+        return notice(note, "ok"), _state(service, run_name), _report_html(service, run_name, trig, res, model)
+
+    def bulk(action: str):
         @guard
-        def on_upload(files: list[str] | None, run_name: str, trig: str, res, model: str):
-            note = service.add_files(run_name, files or [])
-            return (None, notice(note, "ok"), _state(service, run_name),
+        def handler(run_name: str, trig: str, res, model: str, a: str = "", b: str = ""):
+            if action == "prefix":
+                msg = f"Put '{trig.strip()}' first in {service.bulk_prefix(run_name, trig)} caption(s)."
+            elif action == "replace":
+                msg = f"Replaced '{a}' in {service.bulk_replace(run_name, a, b)} caption(s)."
+            else:
+                msg = f"Deleted {service.bulk_clear(run_name)} caption file(s)."
+            return (notice(msg, "ok"), _state(service, run_name),
                     _report_html(service, run_name, trig, res, model))
+        return handler
 
-        @guard
-        def on_import(path: str, run_name: str, trig: str, res, model: str):
-            note = service.import_folder(run_name, path)
-            return notice(note, "ok"), _state(service, run_name), _report_html(service, run_name, trig, res, model)
+    def on_report(run_name: str, trig: str, res, model: str):
+        return _report_html(service, run_name, trig, res, model)
 
-        def bulk(action: str):
-            @guard
-            def handler(run_name: str, trig: str, res, model: str, a: str = "", b: str = ""):
-                if action == "prefix":
-                    msg = f"Put '{trig.strip()}' first in {service.bulk_prefix(run_name, trig)} caption(s)."
-                elif action == "replace":
-                    msg = f"Replaced '{a}' in {service.bulk_replace(run_name, a, b)} caption(s)."
-                else:
-                    msg = f"Deleted {service.bulk_clear(run_name)} caption file(s)."
-                return (notice(msg, "ok"), _state(service, run_name),
-                        _report_html(service, run_name, trig, res, model))
-            return handler
-
-        def on_report(run_name: str, trig: str, res, model: str):
-            return _report_html(service, run_name, trig, res, model)
-
-        upload.upload(on_upload, [upload, *ctx], [upload, *outs])
-        import_btn.click(on_import, [folder, *ctx], outs)
-        prefix_btn.click(bulk("prefix"), ctx, outs)
-        replace_btn.click(bulk("replace"), [*ctx, find, replace], outs)
-        clear_btn.click(bulk("clear"), ctx, outs)
-        trigger.blur(on_report, ctx, [report], show_progress="hidden")
-
-    return DatasetTab(items=items, report=report, status=status, trigger=trigger, connect=connect)
+    ui.upload.upload(on_upload, [ui.upload, *ctx], [ui.upload, *outs])
+    ui.import_btn.click(on_import, [ui.folder, *ctx], outs)
+    ui.prefix_btn.click(bulk("prefix"), ctx, outs)
+    ui.replace_btn.click(bulk("replace"), [*ctx, ui.find, ui.replace], outs)
+    ui.clear_btn.click(bulk("clear"), ctx, outs)
+    ui.trigger.blur(on_report, ctx, [ui.report], show_progress="hidden")

@@ -4,7 +4,7 @@ progress (bar, loss chart, samples, log) polled from the service's job so a relo
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
@@ -27,6 +27,65 @@ class TrainTab:
     progress: gr.HTML
     timer: gr.Timer
     preset: gr.Dropdown
+
+
+@dataclass
+class _Form:
+    """The settings inputs as they are built: TrainConfig field -> component, and each one's own info line and
+    classes (so a validation error can take the info line's place and be cleared again). ``finish`` fixes
+    ``names``/``inputs``, the field order every event uses (trigger_word's input is the Dataset tab's)."""
+
+    specs: dict[str, FieldSpec]
+    start_values: dict[str, Any]
+    trigger: gr.Textbox
+    fields: dict[str, gr.components.Component] = field(default_factory=dict)
+    look: dict[str, tuple[str | None, list[str]]] = field(default_factory=dict)  # field -> (info, classes)
+    names: list[str] = field(default_factory=list)
+    inputs: list[gr.components.Component] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.look["trigger_word"] = (self.trigger.info, [])
+
+    def make(self, name: str, **extra: Any) -> gr.components.Component:
+        self.fields[name] = _component(self.specs[name], self.start_values[name], **extra)
+        self.look[name] = (extra.get("info", self.specs[name].help or None), list(extra.get("elem_classes", [])))
+        return self.fields[name]
+
+    def styled(self, name: str, error: str | None = None) -> dict:
+        """A field's info line and classes: its help, or the validation error in red."""
+        info, classes = self.look[name]
+        if error:
+            return gr.update(info=f"⚠ {error}", elem_classes=[*classes, "field-invalid"])
+        return gr.update(info=info, elem_classes=classes)
+
+    def finish(self) -> None:
+        self.names = [n for n in self.specs if n in self.fields or n == "trigger_word"]
+        self.inputs = [self.fields[n] if n != "trigger_word" else self.trigger for n in self.names]
+
+    def as_values(self, values: tuple) -> dict[str, Any]:
+        return dict(zip(self.names, values))
+
+    def fill(self, values: dict[str, Any] | None) -> list[Any]:
+        if values is None:
+            return [gr.skip()] * len(self.names)
+        return [{**self.styled(n), "value": values[n]} if n in values else gr.skip() for n in self.names]
+
+
+@dataclass
+class _Panel:
+    """The run controls and what they report: buttons, the notice line, progress, chart, samples, log."""
+
+    start: gr.Button
+    stop: gr.Button
+    sample_now: gr.Button
+    save_now: gr.Button
+    notice: gr.HTML
+    progress: gr.HTML
+    chart: gr.LinePlot
+    samples: gr.Gallery
+    log: gr.Textbox
+    timer: gr.Timer
+    seen: gr.State
 
 
 def _component(spec: FieldSpec, value: Any, **extra: Any) -> gr.components.Component:
@@ -105,58 +164,79 @@ def build(service: Service, run: gr.Dropdown, trigger: gr.Textbox) -> TrainTab:
     specs = {s.name: s for s in service.fields()}
     presets = service.presets()
     first = "quick" if service.default_model == "builtin" and "quick" in presets else None
-    start_values = service.preset_form(first) if first else service.default_form()
-    fields: dict[str, gr.components.Component] = {}
-    look: dict[str, tuple[str | None, list[str]]] = {"trigger_word": (trigger.info, [])}  # field -> (info, classes)
+    form = _Form(specs, service.preset_form(first) if first else service.default_form(), trigger)
+    source, preset = _model_and_preset_row(form, presets, first)
+    scale = _key_settings(form)
+    _targets(form, service.target_groups())
+    with gr.Row(equal_height=True):
+        form.make("sample_every_n_steps")
+        form.make("sample_prompts")
+    advanced, advanced_fields = _advanced_settings(form)
+    preset_name, preset_desc, save_preset = _save_preset_row()
+    panel = _run_panel()
+    form.finish()
+    _wire_settings(service, form, run, preset, source, scale)
+    _wire_training(service, form, run, advanced, advanced_fields, panel)
+    _wire_save_preset(service, form, preset, preset_name, preset_desc, save_preset, panel.notice)
+    _wire_progress(service, panel)
+    return TrainTab(fields=form.fields, names=form.names, progress=panel.progress, timer=panel.timer, preset=preset)
 
-    def make(name: str, **extra: Any) -> gr.components.Component:
-        fields[name] = _component(specs[name], start_values[name], **extra)
-        look[name] = (extra.get("info", specs[name].help or None), list(extra.get("elem_classes", [])))
-        return fields[name]
 
-    def styled(name: str, error: str | None = None) -> dict:
-        """A field's info line and classes: its help, or the validation error in red."""
-        info, classes = look[name]
-        if error:
-            return gr.update(info=f"⚠ {error}", elem_classes=[*classes, "field-invalid"])
-        return gr.update(info=info, elem_classes=classes)
+def _preset_choices(presets: dict[str, str]) -> list[tuple[str, str]]:
+    return [(f"{n} — {d}" if d else n, n) for n, d in presets.items()]
 
+
+# -- layout ----------------------------------------------------------------------------------
+def _model_and_preset_row(form: _Form, presets: dict[str, str], first: str | None) -> tuple[gr.Radio, gr.Dropdown]:
+    """Base model (its source, then the box) beside the preset picker and the adapter name."""
     with gr.Row(equal_height=True):
         with gr.Column(scale=3):
-            source = gr.Radio(list(MODEL_SOURCES), value=_model_source(start_values["model"]), label="Base model",
-                              elem_id="model-source")
-            make("model", show_label=False, info="'builtin', a .safetensors/.ckpt file or diffusers folder on "
-                 "this server, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 (needs internet).")
+            source = gr.Radio(list(MODEL_SOURCES), value=_model_source(form.start_values["model"]),
+                              label="Base model", elem_id="model-source")
+            form.make("model", show_label=False, info="'builtin', a .safetensors/.ckpt file or diffusers folder "
+                      "on this server, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 (needs "
+                      "internet).")
         with gr.Column(scale=2):
-            preset = gr.Dropdown(choices=[(f"{n} — {d}" if d else n, n) for n, d in presets.items()], value=first,
+            preset = gr.Dropdown(choices=_preset_choices(presets), value=first,
                                  label="Preset (fills every setting)", elem_id="preset")
-            make("name")
+            form.make("name")
+    return source, preset
+
+
+def _key_settings(form: _Form) -> gr.HTML:
+    """The ESSENTIALS, rank and alpha first with the LoRA scale they give (returned, to follow them)."""
     with gr.Group(elem_classes=["key-settings"]):
         with gr.Row(equal_height=True):
-            make("rank", elem_classes=["key-field"])
-            make("alpha", elem_classes=["key-field"])
-            scale = gr.HTML(_scale_html(start_values["rank"], start_values["alpha"]), elem_id="lora-scale")
+            form.make("rank", elem_classes=["key-field"])
+            form.make("alpha", elem_classes=["key-field"])
+            scale = gr.HTML(_scale_html(form.start_values["rank"], form.start_values["alpha"]), elem_id="lora-scale")
         with gr.Row(equal_height=True):
             for name in ESSENTIALS[2:5]:
-                make(name)
+                form.make(name)
         with gr.Row(equal_height=True):
             for name in ESSENTIALS[5:]:
-                make(name)
+                form.make(name)
+    return scale
+
+
+def _targets(form: _Form, groups: list[tuple[str, str, str, bool]]) -> None:
+    """One switch per layer group LoRA can train."""
     gr.Markdown("**What to train**")
     with gr.Row(equal_height=True):
-        for text, name, note, available in service.target_groups():
+        for text, name, note, available in groups:
             if available:
-                make(name, label=text, info=note)
+                form.make(name, label=text, info=note)
             else:  # the seam for layer groups the trainer does not offer yet: visible, honest, inert
                 gr.Checkbox(False, label=f"{text} (coming)", info=note, interactive=False,
                             elem_id=f"target-{name}")
-    with gr.Row(equal_height=True):
-        make("sample_every_n_steps")
-        make("sample_prompts")
-    shown = set(fields) | {"trigger_word"}
+
+
+def _advanced_settings(form: _Form) -> tuple[gr.Accordion, set[str]]:
+    """Every field not shown yet, by section, three to a row; returns the accordion and those fields."""
+    shown = set(form.fields) | {"trigger_word"}
     with gr.Accordion("Advanced settings (every option)", open=False, elem_id="advanced") as advanced:
         sections: dict[str, list[str]] = {}
-        for name, spec in specs.items():
+        for name, spec in form.specs.items():
             if name not in shown:
                 sections.setdefault(spec.section or "other", []).append(name)
         for section, names in sections.items():
@@ -164,12 +244,20 @@ def build(service: Service, run: gr.Dropdown, trigger: gr.Textbox) -> TrainTab:
             for start in range(0, len(names), 3):
                 with gr.Row(equal_height=True):
                     for name in names[start:start + 3]:
-                        make(name)
+                        form.make(name)
+    return advanced, {n for n in form.fields if n not in shown}
+
+
+def _save_preset_row() -> tuple[gr.Textbox, gr.Textbox, gr.Button]:
     with gr.Accordion("Save these settings as a preset", open=False):
         with gr.Row(equal_height=True):
             preset_name = gr.Textbox(label="Preset name", placeholder="my-style", scale=1)
             preset_desc = gr.Textbox(label="Description", placeholder="what it is for", scale=3)
             save_preset = gr.Button("Save preset", size="sm", scale=1)
+    return preset_name, preset_desc, save_preset
+
+
+def _run_panel() -> _Panel:
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="start-btn", scale=3)
         stop = gr.Button("Stop", variant="stop", elem_id="stop-btn", interactive=False, scale=1)
@@ -185,44 +273,60 @@ def build(service: Service, run: gr.Dropdown, trigger: gr.Textbox) -> TrainTab:
     log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
     timer = gr.Timer(1.0)
     seen = gr.State(-1)
+    return _Panel(start, stop, sample_now, save_now, form_notice, progress, chart, samples, log, timer, seen)
 
-    # -- wiring ----------------------------------------------------------------------------
-    names = [n for n in specs if n in fields or n == "trigger_word"]
-    inputs = [fields[n] if n != "trigger_word" else trigger for n in names]
-    as_values = lambda values: dict(zip(names, values))  # noqa: E731
 
-    def fill(values: dict[str, Any] | None) -> list[Any]:
-        if values is None:
-            return [gr.skip()] * len(names)
-        return [{**styled(n), "value": values[n]} if n in values else gr.skip() for n in names]
+# -- wiring ----------------------------------------------------------------------------------
+def _wire_settings(service: Service, form: _Form, run: gr.Dropdown, preset: gr.Dropdown, source: gr.Radio,
+                   scale: gr.HTML) -> None:
+    """A preset or the run's saved settings fill the form; the model source and the scale readout follow it."""
 
     def on_preset(name: str | None, *values):
         if not name:
-            return fill(None)
-        return fill(service.preset_form(name, as_values(values)))
+            return form.fill(None)
+        return form.fill(service.preset_form(name, form.as_values(values)))
 
     def on_run(run_name: str):
         try:
-            return fill(service.saved_form(run_name))
+            return form.fill(service.saved_form(run_name))
         except Exception:  # noqa: BLE001 - a run without saved settings keeps the form as it is
-            return fill(None)
+            return form.fill(None)
+
+    def on_source(choice: str, model: str):
+        if choice == MODEL_SOURCES[0]:
+            return gr.update(value="builtin", placeholder=None)
+        holder = "/models/v1-5-pruned-emaonly.safetensors" if choice == MODEL_SOURCES[1] else \
+            "stable-diffusion-v1-5/stable-diffusion-v1-5"
+        return gr.update(value="" if model == "builtin" else model, placeholder=holder)
+
+    fields, inputs = form.fields, form.inputs
+    preset.input(on_preset, [preset, *inputs], inputs)
+    run.change(on_run, [run], inputs)
+    source.input(on_source, [source, fields["model"]], [fields["model"]])
+    fields["model"].change(lambda m: _model_source(m), [fields["model"]], [source], show_progress="hidden")
+    for comp in (fields["rank"], fields["alpha"]):
+        comp.change(_scale_html, [fields["rank"], fields["alpha"]], [scale], show_progress="hidden")
+
+
+def _wire_training(service: Service, form: _Form, run: gr.Dropdown, advanced: gr.Accordion,
+                   advanced_fields: set[str], panel: _Panel) -> None:
+    """Start (the form is checked first: errors show on their fields, and open Advanced when one is there),
+    Stop, and sample/save requests to the running job."""
 
     @guard
     def on_start(run_name: str, *values):
-        errors = service.validate_form(as_values(values))
-        updates = [styled(n, errors.get(n)) for n in names]
+        errors = service.validate_form(form.as_values(values))
+        updates = [form.styled(n, errors.get(n)) for n in form.names]
         if errors:
             text = "Fix these settings first:\n" + "\n".join(f"{label(k)}: {v}" for k, v in errors.items())
-            hidden = any(k in errors for k in sections_fields)
+            hidden = any(k in errors for k in advanced_fields)
             return [notice(text, "error"), gr.update(open=True) if hidden else gr.skip(), *updates]
         try:
-            config = service.start_training(run_name, as_values(values))
+            config = service.start_training(run_name, form.as_values(values))
         except TrainerError as err:  # shown inline (and as a toast); raising would mark every field red
             gr.Warning(str(err), title="Not started")
             return [notice(str(err), "error"), gr.skip(), *updates]
         return [notice(f"Started: {config.output_dir}", "ok"), gr.skip(), *updates]
-
-    sections_fields = {n for n in fields if n not in shown}
 
     def on_stop():
         stopped = service.jobs.stop()
@@ -236,19 +340,29 @@ def build(service: Service, run: gr.Dropdown, trigger: gr.Textbox) -> TrainTab:
                           "info")
         return handler
 
+    panel.start.click(on_start, [run, *form.inputs], [panel.notice, advanced, *form.inputs],
+                      concurrency_id="train-start", concurrency_limit=1)
+    panel.stop.click(on_stop, None, [panel.notice])
+    panel.sample_now.click(on_request("sample"), None, [panel.notice])
+    panel.save_now.click(on_request("save"), None, [panel.notice])
+
+
+def _wire_save_preset(service: Service, form: _Form, preset: gr.Dropdown, preset_name: gr.Textbox,
+                      preset_desc: gr.Textbox, save_preset: gr.Button, form_notice: gr.HTML) -> None:
+    """Save the form as a preset, then offer it in the picker."""
+
     @guard
     def on_save_preset(pname: str, pdesc: str, *values):
-        path = service.save_preset(as_values(values), pname, pdesc)
-        choices = [(f"{n} — {d}" if d else n, n) for n, d in service.presets().items()]
+        path = service.save_preset(form.as_values(values), pname, pdesc)
+        choices = _preset_choices(service.presets())
         return notice(f"Saved preset '{pname.strip()}' to {path}.", "ok"), gr.update(choices=choices,
                                                                                     value=pname.strip())
 
-    def on_source(choice: str, model: str):
-        if choice == MODEL_SOURCES[0]:
-            return gr.update(value="builtin", placeholder=None)
-        holder = "/models/v1-5-pruned-emaonly.safetensors" if choice == MODEL_SOURCES[1] else \
-            "stable-diffusion-v1-5/stable-diffusion-v1-5"
-        return gr.update(value="" if model == "builtin" else model, placeholder=holder)
+    save_preset.click(on_save_preset, [preset_name, preset_desc, *form.inputs], [form_notice, preset])
+
+
+def _wire_progress(service: Service, panel: _Panel) -> None:
+    """Every second, show the job's latest snapshot (only when it changed)."""
 
     def on_tick(last: int):
         s = service.jobs.snapshot()
@@ -257,18 +371,5 @@ def build(service: Service, run: gr.Dropdown, trigger: gr.Textbox) -> TrainTab:
         return [s.version, progress_html(s), loss_frame(s), list(s.samples), "\n".join(s.logs),
                 gr.update(interactive=not s.active), gr.update(interactive=s.active)]
 
-    preset.input(on_preset, [preset, *inputs], inputs)
-    run.change(on_run, [run], inputs)
-    source.input(on_source, [source, fields["model"]], [fields["model"]])
-    fields["model"].change(lambda m: _model_source(m), [fields["model"]], [source], show_progress="hidden")
-    for comp in (fields["rank"], fields["alpha"]):
-        comp.change(_scale_html, [fields["rank"], fields["alpha"]], [scale], show_progress="hidden")
-    start.click(on_start, [run, *inputs], [form_notice, advanced, *inputs], concurrency_id="train-start",
-                concurrency_limit=1)
-    stop.click(on_stop, None, [form_notice])
-    sample_now.click(on_request("sample"), None, [form_notice])
-    save_now.click(on_request("save"), None, [form_notice])
-    save_preset.click(on_save_preset, [preset_name, preset_desc, *inputs], [form_notice, preset])
-    timer.tick(on_tick, [seen], [seen, progress, chart, samples, log, start, stop], show_progress="hidden",
-               queue=False)
-    return TrainTab(fields=fields, names=names, progress=progress, timer=timer, preset=preset)
+    panel.timer.tick(on_tick, [panel.seen], [panel.seen, panel.progress, panel.chart, panel.samples, panel.log,
+                                             panel.start, panel.stop], show_progress="hidden", queue=False)

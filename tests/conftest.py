@@ -33,3 +33,16 @@ def tiny_sd1():
 def tiny_sdxl():
     from tests.tiny_models import build_tiny
     return build_tiny("sdxl")
+
+
+@pytest.fixture
+def service(tmp_path):
+    """A Service over tmp_path/outputs with its own copy of the presets (tests/test_service*.py)."""
+    import shutil
+
+    from app.service import Service
+    from trainer.config import PRESETS_DIR
+
+    presets = tmp_path / "presets"
+    shutil.copytree(PRESETS_DIR, presets)
+    return Service(tmp_path / "outputs", presets_dir=presets)

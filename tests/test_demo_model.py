@@ -130,7 +130,7 @@ def test_scores_tell_concept_from_shapes():
 
 
 def test_pretrain_schedule_and_loss_weights():
-    from trainer.demo.pretrain import lr_at, min_snr_weights
+    from trainer.demo.common import lr_at, min_snr_weights
     assert lr_at(0.0, 0, 1e-3, 100, 0.05) == pytest.approx(1e-5)
     assert lr_at(0.0, 100, 1e-3, 100, 0.05) == pytest.approx(1e-3)
     assert lr_at(1.0, 5000, 1e-3, 100, 0.05) == pytest.approx(5e-5)

@@ -1,143 +1,22 @@
-"""The web UI's service layer: datasets, the form <-> TrainConfig mapping, presets, the job manager,
-renderer caching, blending and export. Fake trainers/renderers keep most tests instant; one test runs
-the real trainer on the built-in model for a couple of steps.
+"""The web UI's service layer: the form <-> TrainConfig mapping, presets, the job manager, renderer caching,
+blending and export (run folders and datasets: test_service_dataset.py). Fake trainers/renderers keep most
+tests instant; one test runs the real trainer on the built-in model for a couple of steps.
 """
 from __future__ import annotations
 
-import io
 import json
-import shutil
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from app.jobs import JobBusy, JobManager
 from app.service import ConfigError, Service, TrainerError, config_fields
+from tests.service_helpers import make_dataset
 from trainer.events import Control
-from trainer.config import PRESETS_DIR, TrainConfig, field_names
+from trainer.config import TrainConfig, field_names
 from trainer.events import Finished, Log, Progress, Saved, Started
-
-
-def make_dataset(folder: Path, n: int = 30, size: int = 72, captions: bool = True) -> Path:
-    """``n`` small PNGs (a coloured square with a white disc) and, optionally, same-stem captions."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        img = Image.new("RGB", (size, size), ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256))
-        d = ImageDraw.Draw(img)
-        x = 8 + (i * 7) % (size - 40)
-        d.ellipse([x, x, x + 28, x + 28], fill=(255, 255, 255))
-        img.save(folder / f"img_{i:02d}.png")
-        if captions:
-            (folder / f"img_{i:02d}.txt").write_text(f"a white disc on colour {i}\n", encoding="utf-8")
-    return folder
-
-
-@pytest.fixture
-def service(tmp_path) -> Service:
-    presets = tmp_path / "presets"
-    shutil.copytree(PRESETS_DIR, presets)
-    return Service(tmp_path / "outputs", presets_dir=presets)
-
-
-# --- datasets --------------------------------------------------------------------------------
-def test_upload_matches_captions_by_stem_and_skips_other_files(service, tmp_path):
-    src = make_dataset(tmp_path / "src", n=3)
-    (src / "notes.pdf").write_bytes(b"%PDF")
-    (src / "img_01.txt").write_text("  line one\n", encoding="utf-8")
-    note = service.add_files("run1", sorted(src.iterdir()))
-    assert "3 image(s) and 3 caption file(s)" in note and "notes.pdf" in note
-    items = service.dataset_items("run1")
-    assert [n for n, _, _ in items] == ["img_00.png", "img_01.png", "img_02.png"]
-    assert items[1][2] == "line one"
-    assert Path(items[0][1]).parent == service.outputs / "run1" / "dataset"
-
-
-def test_zip_upload_is_flattened_and_safe(service, tmp_path):
-    buf = io.BytesIO()
-    png = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(png, "PNG")
-    with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("set/a.png", png.getvalue())
-        zf.writestr("set/a.txt", "caption a")
-        zf.writestr("../../evil.png", png.getvalue())
-        zf.writestr("/abs/b.png", png.getvalue())
-        zf.writestr("__MACOSX/set/._a.png", b"junk")
-        link = zipfile.ZipInfo("set/link.png")
-        link.external_attr = (0o120777 << 16)
-        zf.writestr(link, "/etc/passwd")
-        zf.writestr("set/readme.md", "x")
-    archive = tmp_path / "data.zip"
-    archive.write_bytes(buf.getvalue())
-    service.add_files("zipped", [archive])
-    d = service.dataset_dir("zipped")
-    assert sorted(p.name for p in d.iterdir()) == ["a.png", "a.txt", "b.png", "evil.png"]
-    assert not (service.outputs / "evil.png").exists() and not (tmp_path / "evil.png").exists()
-    assert service.dataset_items("zipped")[0][2] == "caption a"
-
-
-def test_bad_zip_is_a_readable_error(service, tmp_path):
-    bad = tmp_path / "broken.zip"
-    bad.write_bytes(b"not a zip")
-    with pytest.raises(TrainerError, match="broken.zip.*not a readable .zip"):
-        service.add_files("r", [bad])
-
-
-def test_captions_edit_and_bulk_actions(service, tmp_path):
-    service.add_files("r", sorted(make_dataset(tmp_path / "src", n=3).iterdir()))
-    service.set_caption("r", "img_00.png", "a  red\nsquare ")
-    assert (service.dataset_dir("r") / "img_00.txt").read_text(encoding="utf-8") == "a red square"
-    assert service.bulk_prefix("r", "zkw") == 3
-    assert service.bulk_prefix("r", "zkw") == 0          # idempotent
-    assert service.dataset_items("r")[0][2] == "zkw, a red square"
-    assert service.bulk_replace("r", "white disc", "ring") == 2
-    assert service.dataset_items("r")[1][2] == "zkw, a ring on colour 1"
-    service.remove_image("r", "img_02.png")
-    assert [n for n, _, _ in service.dataset_items("r")] == ["img_00.png", "img_01.png"]
-    assert service.bulk_clear("r") == 2
-    assert all(c == "" for _, _, c in service.dataset_items("r"))
-    with pytest.raises(TrainerError, match="trigger word is empty"):
-        service.bulk_prefix("r", " , ")
-    with pytest.raises(TrainerError, match="not in the dataset"):
-        service.set_caption("r", "../../etc/passwd", "x")
-
-
-def test_run_names_are_checked(service):
-    for bad in ("", "../up", "a/b", "_blends", ".hidden"):
-        with pytest.raises(TrainerError, match="Run name"):
-            service.run_dir(bad)
-    assert service.run_dir("my-lora_2.v1") == service.outputs / "my-lora_2.v1"
-
-
-def test_import_folder_and_report_warns_outside_30_to_50(service, tmp_path):
-    src = make_dataset(tmp_path / "src", n=5, captions=False)
-    service.import_folder("r", str(src))
-    report = service.dataset_report("r", trigger_word="zkw", resolution=64)
-    assert report["num_images"] == 5
-    assert any("30-50" in w for w in report["warnings"])
-    assert "5 images" in report["text"]
-    with pytest.raises(TrainerError, match="does not exist"):
-        service.import_folder("r", str(tmp_path / "nope"))
-    assert service.dataset_report("empty-run")["num_images"] == 0
-
-
-def test_image_extensions_match_the_trainer():
-    """app/service.py keeps its own copy so the page starts without importing torch; it must not drift."""
-    from app.service import IMAGE_EXTENSIONS
-    from trainer.data.images import IMAGE_EXTENSIONS as TRAINER_EXTENSIONS
-
-    assert IMAGE_EXTENSIONS == TRAINER_EXTENSIONS
-
-
-def test_native_resolution_of_builtin_comes_from_its_configs(service):
-    from app.service import BUILTIN_MODEL_DIR
-    from trainer.models.builtin import BUILTIN_DIR
-
-    assert BUILTIN_MODEL_DIR == BUILTIN_DIR
-    assert service.native_resolution("builtin") == 64
-    assert service.native_resolution("/nowhere/sdxl-base.safetensors") == 1024
 
 
 # --- settings form ---------------------------------------------------------------------------
@@ -401,14 +280,15 @@ def test_real_training_preview_blend_and_export(service, tmp_path):
 
 # --- boundaries --------------------------------------------------------------------------------
 def test_only_the_service_imports_the_trainer():
-    """app/ reaches trainer (and so torch/diffusers/peft) only through app/service.py."""
+    """app/ reaches trainer (and so torch/diffusers/peft) only through app/service.py (and the modules it is
+    composed from: runs, settings, rendering, exporting)."""
     import ast
     import sys
 
     root = Path(__file__).resolve().parent.parent
     allowed = set(sys.stdlib_module_names) | {"gradio", "PIL", "pandas", "app"}
     for path in sorted((root / "app").glob("*.py")) + [root / "launch.py"]:
-        if path.name == "service.py":
+        if path.name in ("service.py", "runs.py", "settings.py", "rendering.py", "exporting.py"):
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)

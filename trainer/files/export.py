@@ -130,15 +130,37 @@ def build_metadata(config: TrainConfig, *, arch: str, prediction_type: str, base
     if arch not in _BASE_VERSION:
         raise TrainerError(f"Architecture {arch!r} is not one of {', '.join(_BASE_VERSION)}.", field="arch")
     v_pred = prediction_type == "v_prediction"
-    version = "sd_v2_v" if arch == "sd2" and v_pred else _BASE_VERSION[arch]
-    spec_arch = "stable-diffusion-v2-768-v" if arch == "sd2" and v_pred else _MODELSPEC_ARCH[arch]
     now = datetime.datetime.now().replace(microsecond=0)
-    if groups is None:  # builders only look at which components exist; projectors are listed as asked for
-        names = ("unet", "text_encoder", "text_encoder_2") if arch == "sdxl" else ("unet", "text_encoder")
-        groups = groups_from_config(config.replace(train_projector=False), {n: nn.Identity() for n in names})
-        if config.train_projector:
-            groups.append(TargetGroup("projectors", {"auto": tuple(config.projector_targets) or ("all found",)},
-                                      config.proj_rank, float(config.proj_alpha), config.projector_lr))
+    md: dict[str, Any] = {
+        **_network_keys(config),
+        **_base_model_keys(arch, v_pred, base_name, resolution),
+        **_run_keys(config, num_images=num_images, steps=steps, epoch=epoch, tag_frequency=tag_frequency,
+                    started_at=training_started_at, now=now),
+        **_hyperparameter_keys(config, v_pred),
+        **_modelspec_keys(config, arch, v_pred, resolution, now),
+        GROUPS_KEY: groups_json(groups if groups is not None else _groups_of(config, arch)),
+    }
+    if config.trigger_word:
+        md["modelspec.trigger_phrase"] = config.trigger_word
+    md.update(extra or {})
+    return {k: (v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+            for k, v in md.items()}
+
+
+def _groups_of(config: TrainConfig, arch: str) -> list[TargetGroup]:
+    """The groups ``config`` asks for (builders only look at which components exist; projectors are listed
+    as asked for, since no model is at hand)."""
+    names = ("unet", "text_encoder", "text_encoder_2") if arch == "sdxl" else ("unet", "text_encoder")
+    groups = groups_from_config(config.replace(train_projector=False), {n: nn.Identity() for n in names})
+    if config.train_projector:
+        groups.append(TargetGroup("projectors", {"auto": tuple(config.projector_targets) or ("all found",)},
+                                  config.proj_rank, float(config.proj_alpha), config.projector_lr))
+    return groups
+
+
+def _network_keys(config: TrainConfig) -> dict[str, Any]:
+    """ss_network_*: the module, the headline dim/alpha (UNet's, else the text encoder's, else the projectors')
+    and the other groups' in ss_network_args."""
     dim, alpha = ((config.rank, config.alpha) if config.train_unet else (config.te_rank, config.te_alpha)
                   if config.train_text_encoder else (config.proj_rank, config.proj_alpha))
     args: dict[str, Any] = {}
@@ -146,7 +168,7 @@ def build_metadata(config: TrainConfig, *, arch: str, prediction_type: str, base
         args.update(text_encoder_dim=config.te_rank, text_encoder_alpha=float(config.te_alpha))
     if config.train_projector:
         args.update(projector_dim=config.proj_rank, projector_alpha=float(config.proj_alpha))
-    md: dict[str, Any] = {
+    return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
         "ss_network_alpha": float(alpha),
@@ -154,12 +176,24 @@ def build_metadata(config: TrainConfig, *, arch: str, prediction_type: str, base
         "ss_network_train_unet_only": not config.train_text_encoder,
         "ss_network_train_text_encoder_only": config.train_text_encoder and not (config.train_unet
                                                                                  or config.train_projector),
-        "ss_base_model_version": version,
+    }
+
+
+def _base_model_keys(arch: str, v_pred: bool, base_name: str, resolution: int) -> dict[str, Any]:
+    return {
+        "ss_base_model_version": "sd_v2_v" if arch == "sd2" and v_pred else _BASE_VERSION[arch],
         "ss_v2": arch == "sd2",
         "ss_v_parameterization": v_pred,
         "ss_sd_model_name": base_name,
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_clip_skip": "None",
+    }
+
+
+def _run_keys(config: TrainConfig, *, num_images: int, steps: int, epoch: int, tag_frequency: dict,
+              started_at: float, now: datetime.datetime) -> dict[str, Any]:
+    """The dataset and how far the run went."""
+    return {
         "ss_num_train_images": num_images,
         "ss_num_batches_per_epoch": max(1, -(-num_images * config.repeats // config.batch_size)),
         "ss_num_epochs": config.epochs,
@@ -167,7 +201,7 @@ def build_metadata(config: TrainConfig, *, arch: str, prediction_type: str, base
         "ss_total_batch_size": config.batch_size * config.gradient_accumulation_steps,
         "ss_gradient_accumulation_steps": config.gradient_accumulation_steps,
         "ss_output_name": config.name,
-        "ss_training_started_at": training_started_at,
+        "ss_training_started_at": started_at,
         "ss_training_finished_at": now.timestamp(),
         "ss_steps": steps,
         "ss_epoch": epoch,
@@ -175,6 +209,11 @@ def build_metadata(config: TrainConfig, *, arch: str, prediction_type: str, base
         "ss_tag_frequency": json.dumps(_tag_frequency(tag_frequency, config.data_dir)),
         "ss_dataset_dirs": json.dumps({Path(config.data_dir).name or "dataset":
                                        {"n_repeats": config.repeats, "img_count": num_images}}),
+    }
+
+
+def _hyperparameter_keys(config: TrainConfig, v_pred: bool) -> dict[str, Any]:
+    return {
         "ss_learning_rate": config.learning_rate,
         "ss_unet_lr": config.learning_rate if config.train_unet else 0.0,
         "ss_text_encoder_lr": config.text_encoder_lr if config.train_text_encoder else 0.0,
@@ -191,6 +230,14 @@ def build_metadata(config: TrainConfig, *, arch: str, prediction_type: str, base
         "ss_gradient_checkpointing": config.gradient_checkpointing,
         "ss_flip_aug": config.random_flip,
         "ss_prediction_type": "v" if v_pred else "epsilon",
+    }
+
+
+def _modelspec_keys(config: TrainConfig, arch: str, v_pred: bool, resolution: int,
+                    now: datetime.datetime) -> dict[str, Any]:
+    """The Stability AI model spec keys A1111 and ComfyUI show."""
+    spec_arch = "stable-diffusion-v2-768-v" if arch == "sd2" and v_pred else _MODELSPEC_ARCH[arch]
+    return {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{spec_arch}/lora",
         "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if arch == "sdxl"
@@ -199,13 +246,7 @@ def build_metadata(config: TrainConfig, *, arch: str, prediction_type: str, base
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": now.isoformat(),
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
-        GROUPS_KEY: groups_json(groups),
     }
-    if config.trigger_word:
-        md["modelspec.trigger_phrase"] = config.trigger_word
-    md.update(extra or {})
-    return {k: (v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v))
-            for k, v in md.items()}
 
 
 def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:

@@ -10,9 +10,10 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
+from torch import nn
 
 from . import schedules
 from ..config import TrainConfig
@@ -119,12 +120,69 @@ def _setup(config: TrainConfig, base: BaseModel | None, emit: Callable[[Event], 
     return _Run(config=config, base=base, run_dir=run_dir, emit=emit, started_at=time.time(), report=report)
 
 
+@dataclass
+class _Parts:
+    """What ``_prepare`` builds for one run: the network on its device, the data, the optimizer."""
+
+    accelerator: Any
+    device: torch.device
+    weight_dtype: torch.dtype
+    trainable: list[nn.Module]            # components with LoRA parameters (prepared by accelerate)
+    params: dict[str, list[nn.Parameter]]  # LoRA parameters by target group
+    unet: nn.Module                       # the UNet as accelerate wrapped it (or the frozen one)
+    dataset: LoraDataset
+    loader: Any
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    noise_gen: torch.Generator
+    alphas_cumprod: torch.Tensor          # the noise schedule's, on ``device``
+    total: int                            # optimizer steps of the whole run
+
+
 def _loop(run: _Run, control: Control) -> Path:
-    config, base = run.config, run.base
+    parts = _prepare(run)
+    _announce(run, parts)
+    t_start = time.perf_counter()
+    losses = _train_steps(run, parts, control)
+    path = _save(run, final=True)
+    run.emit(Finished(path=str(path), steps=run.step, stopped_early=run.step < parts.total,
+                      final_loss=losses[-1] if losses else math.nan,
+                      seconds=time.perf_counter() - t_start))
+    return path
+
+
+def _prepare(run: _Run) -> _Parts:
+    """LoRA injected and cast, data loader, optimizer and LR schedule, all through accelerate."""
+    config = run.config
     accelerator = make_accelerator(config)
     device, weight_dtype = accelerator.device, DTYPES[config.mixed_precision]
     torch.manual_seed(config.seed)  # LoRA A init and dataloader order depend on it
+    groups, params, trainable = _inject_network(run, device, weight_dtype)
+    dataset = LoraDataset(run.report, config.resolution, center_crop=config.center_crop,
+                          random_flip=config.random_flip, repeats=config.repeats,
+                          caption_dropout=config.caption_dropout, seed=config.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
+                                         collate_fn=collate, drop_last=False,
+                                         generator=torch.Generator().manual_seed(config.seed))
+    total = schedules.total_steps(len(dataset), config.batch_size, config.gradient_accumulation_steps,
+                                  config.epochs, config.max_train_steps)
+    lr_of = {g.name: g.lr for g in groups}
+    optimizer = make_optimizer(config, [{"params": p, "lr": lr_of[n], "name": n} for n, p in params.items()])
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedules.lr_multiplier(
+        s, schedule=config.lr_scheduler, warmup=config.lr_warmup_steps, total=total))
+    prepared = accelerator.prepare(*trainable, optimizer, loader, lr_scheduler)
+    optimizer, loader, lr_scheduler = prepared[-3:]
+    unet = prepared[trainable.index(run.base.unet)] if run.base.unet in trainable else run.base.unet
+    return _Parts(accelerator=accelerator, device=device, weight_dtype=weight_dtype, trainable=trainable,
+                  params=params, unet=unet, dataset=dataset, loader=loader, optimizer=optimizer,
+                  lr_scheduler=lr_scheduler, noise_gen=torch.Generator(device=device).manual_seed(config.seed),
+                  alphas_cumprod=run.base.noise_scheduler.alphas_cumprod.to(device), total=total)
 
+
+def _inject_network(run: _Run, device, weight_dtype: torch.dtype):
+    """Inject the config's target groups; move the model to ``device`` with frozen weights in
+    ``weight_dtype``. Returns (groups, LoRA parameters by group, trainable components)."""
+    config, base = run.config, run.base
     components = base.components()
     groups = groups_from_config(config, components)
     for group in groups:
@@ -140,77 +198,66 @@ def _loop(run: _Run, control: Control) -> Path:
                  if any(p.requires_grad for p in m.parameters())]
     if config.gradient_checkpointing:
         _enable_checkpointing(base)
+    return groups, params, trainable
 
-    dataset = LoraDataset(run.report, config.resolution, center_crop=config.center_crop,
-                          random_flip=config.random_flip, repeats=config.repeats,
-                          caption_dropout=config.caption_dropout, seed=config.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
-                                         collate_fn=collate, drop_last=False,
-                                         generator=torch.Generator().manual_seed(config.seed))
-    total = schedules.total_steps(len(dataset), config.batch_size, config.gradient_accumulation_steps,
-                                  config.epochs, config.max_train_steps)
-    lr_of = {g.name: g.lr for g in groups}
-    optimizer = make_optimizer(config, [{"params": p, "lr": lr_of[n], "name": n} for n, p in params.items()])
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedules.lr_multiplier(
-        s, schedule=config.lr_scheduler, warmup=config.lr_warmup_steps, total=total))
-    prepared = accelerator.prepare(*trainable, optimizer, loader, lr_scheduler)
-    optimizer, loader, lr_scheduler = prepared[-3:]
-    unet = prepared[trainable.index(base.unet)] if base.unet in trainable else base.unet
 
-    noise_gen = torch.Generator(device=device).manual_seed(config.seed)
-    scheduler = base.noise_scheduler
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    n_params = sum(p.numel() for ps in params.values() for p in ps)
-    run.emit(Started(run_dir=str(run.run_dir), total_steps=total, trainable_params=n_params,
+def _announce(run: _Run, parts: _Parts) -> None:
+    n_params = sum(p.numel() for ps in parts.params.values() for p in ps)
+    run.emit(Started(run_dir=str(run.run_dir), total_steps=parts.total, trainable_params=n_params,
                      num_images=run.report.num_images))
-    run.emit(Log(f"{base.arch} / {base.prediction_type}, {n_params:,} trainable parameters, "
-                 f"{len(dataset)} samples per epoch, {total} steps, device {device}"))
+    run.emit(Log(f"{run.base.arch} / {run.base.prediction_type}, {n_params:,} trainable parameters, "
+                 f"{len(parts.dataset)} samples per epoch, {parts.total} steps, device {parts.device}"))
 
+
+def _train_steps(run: _Run, parts: _Parts, control: Control) -> deque[float]:
+    """Epochs of micro-batches until the step budget or a stop; returns the recent step losses."""
     losses: deque[float] = deque(maxlen=50)
     step_loss, micro = 0.0, 0
     t_start = last_t = time.perf_counter()
-    for m in trainable:
+    for m in parts.trainable:
         m.train()
-    while run.step < total and not control.stop_requested:
-        dataset.set_epoch(run.epoch)
-        for batch in loader:
-            with accelerator.accumulate(*trainable):
-                loss = diffusion_loss(base, unet, batch, config, scheduler, alphas_cumprod, noise_gen,
-                                   weight_dtype, device)
-                if not torch.isfinite(loss):
-                    raise TrainerError(f"The loss became {loss.item()} at step {run.step + 1}; lower the "
-                                       f"learning rate ({config.learning_rate:g}) or use 'bf16' instead "
-                                       "of 'fp16'.", field="learning_rate")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_([p for ps in params.values() for p in ps], config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.item()
+    while run.step < parts.total and not control.stop_requested:
+        parts.dataset.set_epoch(run.epoch)
+        for batch in parts.loader:
+            step_loss += _micro_step(run, parts, batch)
             micro += 1
-            if not accelerator.sync_gradients:
+            if not parts.accelerator.sync_gradients:
                 continue
             run.step += 1
             losses.append(step_loss / micro)
             now = time.perf_counter()
             rate = run.step / max(now - t_start, 1e-9)
-            run.emit(Progress(step=run.step, total_steps=total, epoch=run.epoch, loss=step_loss / micro,
-                              avg_loss=sum(losses) / len(losses), lr=lr_scheduler.get_last_lr()[0],
-                              it_per_s=1.0 / max(now - last_t, 1e-9), eta_s=(total - run.step) / rate))
+            run.emit(Progress(step=run.step, total_steps=parts.total, epoch=run.epoch, loss=step_loss / micro,
+                              avg_loss=sum(losses) / len(losses), lr=parts.lr_scheduler.get_last_lr()[0],
+                              it_per_s=1.0 / max(now - last_t, 1e-9), eta_s=(parts.total - run.step) / rate))
             step_loss, micro, last_t = 0.0, 0, now
-            _between_steps(run, control, total)
-            if run.step >= total or control.stop_requested:
+            _between_steps(run, control, parts.total)
+            if run.step >= parts.total or control.stop_requested:
                 break
         run.epoch += 1
-    for m in trainable:
+    for m in parts.trainable:
         m.eval()
+    return losses
 
-    path = _save(run, final=True)
-    run.emit(Finished(path=str(path), steps=run.step, stopped_early=run.step < total,
-                      final_loss=losses[-1] if losses else math.nan,
-                      seconds=time.perf_counter() - t_start))
-    return path
+
+def _micro_step(run: _Run, parts: _Parts, batch: dict) -> float:
+    """Forward and backward of one micro-batch; the optimizer steps when accelerate syncs gradients."""
+    config, base = run.config, run.base
+    with parts.accelerator.accumulate(*parts.trainable):
+        loss = diffusion_loss(base, parts.unet, batch, config, base.noise_scheduler, parts.alphas_cumprod,
+                              parts.noise_gen, parts.weight_dtype, parts.device)
+        if not torch.isfinite(loss):
+            raise TrainerError(f"The loss became {loss.item()} at step {run.step + 1}; lower the "
+                               f"learning rate ({config.learning_rate:g}) or use 'bf16' instead "
+                               "of 'fp16'.", field="learning_rate")
+        parts.accelerator.backward(loss)
+        if parts.accelerator.sync_gradients and config.max_grad_norm > 0:
+            parts.accelerator.clip_grad_norm_([p for ps in parts.params.values() for p in ps],
+                                              config.max_grad_norm)
+        parts.optimizer.step()
+        parts.lr_scheduler.step()
+        parts.optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def diffusion_loss(base: BaseModel, unet, batch: dict, config: TrainConfig, scheduler, alphas_cumprod,

@@ -1,0 +1,117 @@
+"""Adapters and export: the adapters under the outputs folder, uploaded ones, their metadata and the prompt
+to try them with, and the file to download (kohya as is, a portable copy, or a diffusers/PEFT copy).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import TrainerError
+
+
+class ExportMixin:
+    """Adapters and export. State: ``outputs`` (adapters are found there; uploads go to outputs/_imported),
+    ``default_model`` and ``_render_lock``; a diffusers copy attaches the adapter through ``_renderer``
+    (RenderMixin), so its base model is loaded once."""
+
+    outputs: Path
+    default_model: str
+    _render_lock: threading.Lock
+
+    def adapters(self) -> list[tuple[str, str]]:
+        """(label, path) of every adapter under the outputs folder, newest first."""
+        found = [p for p in self.outputs.rglob("*.safetensors")
+                 if "dataset" not in p.relative_to(self.outputs).parts and not p.name.startswith(".")
+                 and not p.stem.endswith("-diffusers")]
+        found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        return [(str(p.relative_to(self.outputs)), str(p)) for p in found]
+
+    def import_adapter(self, upload: str | Path) -> str:
+        """Check an uploaded .safetensors is a LoRA, keep a copy under outputs/_imported; returns its path."""
+        from trainer.files.adapters import read_lora_file
+
+        src = Path(upload)
+        if src.suffix.lower() != ".safetensors":
+            raise TrainerError(f"'{src.name}' is not a .safetensors file; upload a LoRA saved as .safetensors.",
+                               field="adapter")
+        dest = self.outputs / "_imported" / src.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+        try:
+            read_lora_file(dest)
+        except TrainerError:
+            dest.unlink(missing_ok=True)
+            raise
+        except Exception as err:  # noqa: BLE001 - a damaged file reaches the user as a message
+            dest.unlink(missing_ok=True)
+            raise TrainerError(f"'{src.name}' cannot be read as a LoRA ({type(err).__name__}: {err}).",
+                               field="adapter") from None
+        return str(dest)
+
+    def _adapter(self, path: str) -> Path:
+        p = Path(path or "")
+        if not path or not p.is_file():
+            raise TrainerError(f"Adapter '{path}' does not exist; pick one from the list or upload one.",
+                               field="adapter")
+        return p
+
+    def adapter_info(self, path: str) -> dict[str, Any]:
+        from trainer.files.adapters import read_lora_file
+
+        p = self._adapter(path)
+        lora = read_lora_file(p)
+        meta = dict(lora.metadata or {})
+        for k, v in list(meta.items()):  # kohya stores nested JSON as strings; show it structured
+            if isinstance(v, str) and v[:1] in "{[":
+                try:
+                    meta[k] = json.loads(v)
+                except ValueError:
+                    pass
+        return {"path": str(p.resolve()), "size_mb": round(p.stat().st_size / 1e6, 3),
+                "tensors": len(lora.tensors), "modules": len(lora.modules), "metadata": meta}
+
+    def suggest_prompt(self, path: str) -> str:
+        """A prompt to try an adapter with: its run's first sample prompt, else its trigger word."""
+        try:
+            cfg = json.loads((Path(path).parent / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return ""
+        prompts = cfg.get("sample_prompts") or []
+        return prompts[0] if prompts else str(cfg.get("trigger_word", ""))
+
+    # -- export -----------------------------------------------------------------------------
+    def adapter_model(self, path: str) -> str:
+        """The base model an adapter was trained on here (its run's config.json), else the default."""
+        try:
+            cfg = json.loads((Path(path).parent / "config.json").read_text(encoding="utf-8"))
+            return str(cfg.get("model") or self.default_model)
+        except (OSError, ValueError):
+            return self.default_model
+
+    def export(self, path: str, fmt: str = "kohya", model: str = "") -> str:
+        """The file to download: the adapter itself (kohya/A1111), a portable copy without projector modules
+        ("portable"), or a diffusers/PEFT-format copy written beside it (made by attaching the adapter to its
+        base model, so that model is loaded once)."""
+        p = self._adapter(path)
+        if fmt == "kohya":
+            return str(p)
+        if fmt == "portable":  # the kohya file less its projector modules, for tools that complain about them
+            from trainer.files.export import write_portable_copy
+
+            return str(write_portable_copy(p))
+        copy = p.with_name(f"{p.stem}-diffusers.safetensors")
+        if copy.is_file() and copy.stat().st_mtime >= p.stat().st_mtime:
+            return str(copy)
+        from trainer.files.export import save_diffusers_format
+
+        with self._render_lock:
+            cached = self._renderer(model or self.adapter_model(path))
+            mtime = p.stat().st_mtime
+            if cached.mtimes.get(str(p), mtime) != mtime:
+                cached.renderer.detach(p)
+            cached.mtimes[str(p)] = mtime
+            name = cached.renderer.attach(p)
+            return str(save_diffusers_format(copy, cached.renderer.base.components(), adapter_name=name))

@@ -1,0 +1,87 @@
+"""Preview and blend: one cached renderer per base model (adapters attach to it, so changing a strength
+never reloads the model), before/after comparisons, strength sweeps, and saving blends.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from trainer.errors import TrainerError
+
+from app.runs import RUN_NAME
+
+
+@dataclass
+class _Cached:
+    renderer: Any
+    mtimes: dict[str, float] = field(default_factory=dict)   # attached adapter -> file mtime when attached
+
+
+class RenderMixin:
+    """Cached renderers. State: ``_renderers`` (base model -> _Cached), ``_renderer_factory`` (None = the
+    trainer's Renderer), ``_render_lock`` (one render at a time), ``model_loads`` (models loaded so far),
+    ``default_model`` and ``outputs`` (blends go to outputs/_blends); ``_adapter`` (ExportMixin) checks paths."""
+
+    _renderers: dict[str, _Cached]
+    _renderer_factory: Callable[[str], Any] | None
+    _render_lock: threading.Lock
+    model_loads: int
+    default_model: str
+    outputs: Path
+
+    def _renderer(self, model: str) -> _Cached:
+        model = (model or self.default_model).strip()
+        if model not in self._renderers:
+            if self._renderer_factory is not None:
+                renderer = self._renderer_factory(model)
+            else:
+                from trainer.render.generate import Renderer
+                renderer = Renderer.load(model)
+            self.model_loads += 1
+            self._renderers[model] = _Cached(renderer)
+        return self._renderers[model]
+
+    def render(self, model: str, loras: dict[str, float], prompt: str, negative_prompt: str = "",
+               seed: int = 0, steps: int = 20, guidance: float = 7.0, size: int | None = None):
+        """One image (PIL) with each adapter at its weight; a changed adapter file is re-attached."""
+        from trainer.render.generate import RenderSettings
+
+        if not str(prompt).strip():
+            raise TrainerError("The prompt is empty; describe the image to render.", field="prompt")
+        settings = RenderSettings(prompt=prompt, negative_prompt=negative_prompt or "", seed=int(seed),
+                                  steps=int(steps), guidance=float(guidance), size=int(size) if size else None)
+        with self._render_lock:
+            cached = self._renderer(model)
+            for path in loras:
+                mtime = self._adapter(path).stat().st_mtime
+                if cached.mtimes.get(path, mtime) != mtime:
+                    cached.renderer.detach(path)
+                cached.mtimes[path] = mtime
+            return cached.renderer.render(settings, {p: float(w) for p, w in loras.items()})
+
+    def compare(self, model: str, adapter: str, strength: float, **settings: Any):
+        """(base image, adapted image) for the same seed."""
+        self._adapter(adapter)
+        return (self.render(model, {adapter: 0.0}, **settings),
+                self.render(model, {adapter: float(strength)}, **settings))
+
+    def sweep(self, model: str, adapter: str, strengths: Iterable[float], **settings: Any):
+        """[(image, 'strength s')] for each strength."""
+        return [(self.render(model, {adapter: float(s)}, **settings), f"strength {float(s):g}") for s in strengths]
+
+    def save_blend(self, pairs: list[tuple[str, float]], name: str) -> str:
+        from trainer.files.adapters import blend_files
+
+        name = name.strip().removesuffix(".safetensors")
+        if not RUN_NAME.match(name):
+            raise TrainerError(f"Blend name {name!r} is not usable; use letters, digits, '-' or '_'.",
+                               field="blend_name")
+        if len(pairs) < 2:
+            raise TrainerError("Pick at least two adapters to blend.", field="blend")
+        for p, _ in pairs:
+            self._adapter(p)
+        out = self.outputs / "_blends" / f"{name}.safetensors"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return str(blend_files([(p, float(w)) for p, w in pairs], out))

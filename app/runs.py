@@ -1,0 +1,222 @@
+"""Run folders under the outputs folder and the dataset inside each: uploads, .zip and folder imports,
+captions, bulk caption edits, the dataset report and a model's native training size.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable
+
+from trainer import config as tconfig
+from trainer.errors import TrainerError
+from trainer.fileio import atomic_write_text
+
+from app.jobs import JobManager
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_ZIP_BYTES = 4 << 30
+BUILTIN_MODEL_DIR = Path(tconfig.__file__).resolve().parent / "assets" / "builtin"   # = trainer.models.builtin.BUILTIN_DIR
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class RunsMixin:
+    """Run folders and datasets. State: ``outputs`` (the folder holding every run), ``jobs`` (the running job
+    names the default run), ``default_model`` and ``_renderers`` (a loaded model already knows its size)."""
+
+    outputs: Path
+    jobs: JobManager
+    default_model: str
+    _renderers: dict[str, Any]
+
+    def run_dir(self, run: str) -> Path:
+        run = (run or "").strip()
+        if not RUN_NAME.match(run) or run.startswith("_"):
+            raise TrainerError(f"Run name {run!r} is not usable; use letters, digits, '-', '_' or '.' "
+                               "(e.g. my-lora).", field="run")
+        return self.outputs / run
+
+    def runs(self) -> list[str]:
+        """Run folders, most recently changed first."""
+        dirs = [p for p in self.outputs.iterdir() if p.is_dir() and p.name[0] not in "._"]
+        return [p.name for p in sorted(dirs, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    def default_run(self) -> str:
+        snap = self.jobs.snapshot()
+        if snap.run and snap.state != "idle":
+            return snap.run
+        return next(iter(self.runs()), "my-lora")
+
+    # -- dataset ----------------------------------------------------------------------------
+    def dataset_dir(self, run: str) -> Path:
+        return self.run_dir(run) / "dataset"
+
+    def add_files(self, run: str, paths: Iterable[str | Path]) -> str:
+        """Copy uploaded images / same-stem .txt captions / .zip archives into the run's dataset."""
+        dest = self.dataset_dir(run)
+        dest.mkdir(parents=True, exist_ok=True)
+        images = captions = 0
+        skipped: list[str] = []
+        for p in map(Path, paths):
+            suffix = p.suffix.lower()
+            if suffix == ".zip":
+                i, c, s = self._unzip(p, dest)
+                images, captions, skipped = images + i, captions + c, skipped + s
+            elif suffix in IMAGE_EXTENSIONS:
+                shutil.copyfile(p, dest / p.name)
+                images += 1
+            elif suffix == ".txt":
+                atomic_write_text(dest / p.name, _read_caption(p))
+                captions += 1
+            else:
+                skipped.append(p.name)
+        note = f"Added {images} image(s) and {captions} caption file(s)"
+        if skipped:
+            shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+            note += f"; skipped {len(skipped)} file(s) that are not images, .txt or .zip ({shown})"
+        return note + "."
+
+    def import_folder(self, run: str, folder: str) -> str:
+        src = Path(folder.strip()).expanduser()
+        if not folder.strip() or not src.is_dir():
+            raise TrainerError(f"Folder '{folder}' does not exist on the server; give the full path of a folder "
+                               "of images (with .txt captions beside them).", field="folder")
+        files = [p for p in sorted(src.rglob("*")) if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(src).parts)
+            and p.suffix.lower() in IMAGE_EXTENSIONS + (".txt",)]
+        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
+            raise TrainerError(f"Folder '{src}' has no images ({', '.join(IMAGE_EXTENSIONS)}).", field="folder")
+        return self.add_files(run, files)
+
+    def _unzip(self, archive: Path, dest: Path) -> tuple[int, int, list[str]]:
+        """Extract images and captions, flattened to their base names (no paths, links or bombs)."""
+        images = captions = 0
+        skipped: list[str] = []
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                members = [m for m in zf.infolist() if not m.is_dir()]
+                if sum(m.file_size for m in members) > MAX_ZIP_BYTES:
+                    raise TrainerError(f"'{archive.name}' unpacks to more than {MAX_ZIP_BYTES >> 30} GB; "
+                                       "upload a smaller archive.", field="upload")
+                for m in members:
+                    name = PurePosixPath(m.filename.replace("\\", "/")).name
+                    is_link = (m.external_attr >> 16) & 0o170000 == 0o120000
+                    suffix = Path(name).suffix.lower()
+                    if (is_link or not name or name.startswith(".") or "__MACOSX" in m.filename
+                            or suffix not in IMAGE_EXTENSIONS + (".txt",)):
+                        skipped.append(name or m.filename)
+                        continue
+                    with zf.open(m) as src:
+                        data = src.read(m.file_size + 1)
+                    if suffix == ".txt":
+                        atomic_write_text(dest / name, data.decode("utf-8", errors="replace").strip())
+                        captions += 1
+                    else:
+                        (dest / name).write_bytes(data)
+                        images += 1
+        except (zipfile.BadZipFile, OSError) as err:
+            raise TrainerError(f"'{archive.name}' is not a readable .zip file ({err}); re-create it or upload "
+                               "the images directly.", field="upload") from None
+        return images, captions, skipped
+
+    def dataset_items(self, run: str) -> list[tuple[str, str, str]]:
+        """(file name, image path, caption) per image, sorted by name."""
+        d = self.dataset_dir(run)
+        if not d.is_dir():
+            return []
+        out = []
+        for p in sorted(d.iterdir(), key=lambda p: p.name.lower()):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+                cap = p.with_suffix(".txt")
+                out.append((p.name, str(p), _read_caption(cap) if cap.is_file() else ""))
+        return out
+
+    def _image(self, run: str, name: str) -> Path:
+        p = self.dataset_dir(run) / Path(name).name
+        if not p.is_file():
+            raise TrainerError(f"Image '{name}' is not in the dataset of run '{run}'; reload the page.",
+                               field="caption")
+        return p
+
+    def set_caption(self, run: str, name: str, caption: str) -> None:
+        """Write one caption atomically, as one line (the trainer reads only the first)."""
+        atomic_write_text(self._image(run, name).with_suffix(".txt"), " ".join(caption.split()))
+
+    def remove_image(self, run: str, name: str) -> None:
+        img = self._image(run, name)
+        img.with_suffix(".txt").unlink(missing_ok=True)
+        img.unlink()
+
+    def bulk_prefix(self, run: str, word: str) -> int:
+        """Put ``word`` first in every caption that does not start with it; returns captions changed."""
+        from trainer.data.scan import apply_trigger
+
+        if not word.strip().strip(",").strip():
+            raise TrainerError("The trigger word is empty; type one (e.g. 'zkw') first.", field="trigger_word")
+        changed = 0
+        for name, _, caption in self.dataset_items(run):
+            new = apply_trigger(caption, word)
+            if new != caption:
+                self.set_caption(run, name, new)
+                changed += 1
+        return changed
+
+    def bulk_replace(self, run: str, find: str, replace: str) -> int:
+        if not find:
+            raise TrainerError("'Find' is empty; type the text to replace.", field="find")
+        changed = 0
+        for name, _, caption in self.dataset_items(run):
+            if find in caption:
+                self.set_caption(run, name, re.sub(r"\s+", " ", caption.replace(find, replace)))
+                changed += 1
+        return changed
+
+    def bulk_clear(self, run: str) -> int:
+        d, n = self.dataset_dir(run), 0
+        for name, _, _ in self.dataset_items(run):
+            cap = (d / name).with_suffix(".txt")
+            if cap.exists():
+                cap.unlink()
+                n += 1
+        return n
+
+    def dataset_report(self, run: str, trigger_word: str = "", resolution: int = 0,
+                       model: str = "") -> dict[str, Any]:
+        """The trainer's dataset report (sizes checked against ``resolution``, 0 = the model's native size)
+        plus a count warning; ``text`` is ready to show."""
+        d = self.dataset_dir(run)
+        if not d.is_dir() or not self.dataset_items(run):
+            return {"num_images": 0, "text": "No images yet. Drop 30-50 images (and their .txt captions, or a "
+                    ".zip) above, or import a folder from the server.", "warnings": []}
+        from trainer.data.scan import scan_dataset
+
+        report = scan_dataset(str(d), trigger_word=trigger_word, resolution=resolution or self.native_resolution(model))
+        data = report.to_dict()
+        n = report.num_images
+        warnings = list(report.warnings)
+        if not 30 <= n <= 50 and not any("30-50" in w for w in warnings):
+            warnings.insert(0, f"{n} image(s): 30-50 varied images usually give the best LoRA; "
+                               "you can still train with this many.")
+        data.update(text=report.summary(), warnings=warnings, num_images=n)
+        return data
+
+    def native_resolution(self, model: str = "") -> int:
+        """The training size a model uses when ``resolution`` is 0 (512 when unknown without loading it)."""
+        model = (model or self.default_model).strip()
+        if model in self._renderers:
+            return int(self._renderers[model].renderer.base.resolution)
+        # trainer.models.loader knows this too, but importing it (diffusers) takes many seconds; its configs
+        # ship as package data, so read them directly.
+        folder = BUILTIN_MODEL_DIR if model == "builtin" else Path(model).expanduser()
+        try:  # a diffusers folder: UNet latent size x VAE downscale, as the pipelines compute it
+            unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+            vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+            return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        except (OSError, ValueError, KeyError, TypeError):
+            return 1024 if "xl" in model.lower() else 512
+
+
+def _read_caption(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace").strip()
