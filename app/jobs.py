@@ -36,6 +36,7 @@ class JobSnapshot:
     it_per_s: float | None = None
     eta_s: float | None = None
     history: tuple[tuple[int, float, float], ...] = ()     # (step, loss, avg_loss)
+    validation: tuple[tuple[int, float], ...] = ()         # (step, validation loss)
     logs: tuple[str, ...] = ()
     samples: tuple[tuple[str, str], ...] = ()              # (image path, caption)
     result: str | None = None
@@ -66,6 +67,7 @@ class JobManager:
         self._control: Any = None
         self._snap = JobSnapshot()
         self._history: list[tuple[int, float, float]] = []
+        self._validation: list[tuple[int, float]] = []
         self._logs: deque[str] = deque(maxlen=log_limit)
         self._samples: list[tuple[str, str]] = []
 
@@ -81,7 +83,7 @@ class JobManager:
                 raise JobBusy(f"A training run ('{s.run}', step {s.step}/{s.total_steps or '?'}) is already in "
                               "progress; stop it or wait for it to finish. One run at a time.")
             self._control = self._make_control()
-            self._history, self._samples = [], []
+            self._history, self._samples, self._validation = [], [], []
             self._logs.clear()
             self._logs.append(f"{time.strftime('%H:%M:%S')} starting run '{run}' -> {config.output_dir}")
             self._snap = JobSnapshot(version=self._snap.version + 1, state="starting", run=run,
@@ -117,6 +119,7 @@ class JobManager:
     # -- worker side -----------------------------------------------------------------------
     def _update(self, **changes: Any) -> None:  # caller holds the lock
         self._snap = dataclasses.replace(self._snap, version=self._snap.version + 1, history=tuple(self._history),
+                                         validation=tuple(self._validation),
                                          logs=tuple(self._logs), samples=tuple(self._samples), **changes)
 
     def _running(self) -> str:
@@ -133,6 +136,11 @@ class JobManager:
         self._history.append((e.step, e.loss, e.avg_loss))
         self._update(state=self._running(), step=e.step, total_steps=e.total_steps, epoch=e.epoch, loss=e.loss,
                      avg_loss=e.avg_loss, lr=e.lr, it_per_s=e.it_per_s, eta_s=e.eta_s)
+
+    def _on_validation(self, e: Any, stamp: str) -> None:
+        self._validation.append((e.step, e.loss))
+        self._logs.append(f"{stamp} validation loss {e.loss:.4f} at step {e.step} ({e.images} held-out images)")
+        self._update()
 
     def _on_started(self, e: Any, stamp: str) -> None:
         self._logs.append(f"{stamp} training {e.total_steps} steps on {e.num_images} images, "

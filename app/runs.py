@@ -4,6 +4,7 @@ captions, bulk caption edits, the dataset report and a model's native training s
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 import zipfile
@@ -11,14 +12,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from trainer import config as tconfig
-from trainer.errors import TrainerError
+from trainer.errors import ConfigError, TrainerError
 from trainer.fileio import atomic_write_text
 
 from app.jobs import JobManager
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_ZIP_BYTES = 4 << 30
-BUILTIN_MODEL_DIR = Path(tconfig.__file__).resolve().parent / "assets" / "builtin"   # = trainer.models.builtin.BUILTIN_DIR
+# = trainer.models.builtin.BUILTIN_DIR, without importing it (diffusers)
+BUILTIN_MODEL_DIR = Path(tconfig.__file__).resolve().parent / "assets" / "builtin"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -182,17 +184,22 @@ class RunsMixin:
                 n += 1
         return n
 
-    def dataset_report(self, run: str, trigger_word: str = "", resolution: int = 0,
-                       model: str = "") -> dict[str, Any]:
-        """The trainer's dataset report (sizes checked against ``resolution``, 0 = the model's native size)
-        plus a count warning; ``text`` is ready to show."""
+    def dataset_report(self, run: str, trigger_word: str = "", resolution: int = 0, model: str = "",
+                       caption_extension: str = ".txt") -> dict[str, Any]:
+        """The trainer's dataset report (sizes checked against ``resolution``, 0 = the model's native size;
+        captions read from ``caption_extension`` files, as training reads them) plus a count warning;
+        ``text`` is ready to show."""
         d = self.dataset_dir(run)
         if not d.is_dir() or not self.dataset_items(run):
             return {"num_images": 0, "text": "No images yet. Drop 30-50 images (and their .txt captions, or a "
                     ".zip) above, or import a folder from the server.", "warnings": []}
         from trainer.data.scan import scan_dataset
 
-        report = scan_dataset(str(d), trigger_word=trigger_word, resolution=resolution or self.native_resolution(model))
+        report = scan_dataset(str(d), trigger_word=trigger_word, resolution=resolution or self.native_resolution(model),
+                              caption_extension=_caption_extension(caption_extension))
+        from trainer.data.buckets import add_bucket_table, bucket_spec
+
+        add_bucket_table(report, bucket_spec(report.resolution))   # where each image trains (default buckets)
         data = report.to_dict()
         n = report.num_images
         warnings = list(report.warnings)
@@ -201,6 +208,32 @@ class RunsMixin:
                                "you can still train with this many.")
         data.update(text=report.summary(), warnings=warnings, num_images=n)
         return data
+
+    def preview_captions(self, run: str, shuffle_tags: bool, keep_tokens: int, tag_dropout: float, seed: int = 0,
+                         *, trigger_word: str = "", caption_extension: str = ".txt",
+                         count: int = 3) -> list[tuple[str, str, str]]:
+        """(file name, caption as written with the trigger word, caption one training sample sees) for the first
+        ``count`` images, each drawn from its own RNG seeded by (seed, index) with the tag shuffle/dropout of
+        trainer.data.captions. TrainerError for invalid settings, or (``check_keep_tokens``, the check training
+        makes) a keep_tokens larger than some caption's tag count."""
+        from trainer.data.captions import check_keep_tokens, transform_caption
+        from trainer.data.scan import scan_dataset
+
+        settings = {"shuffle_tags": shuffle_tags, "keep_tokens": keep_tokens, "tag_dropout": tag_dropout}
+        config = tconfig.from_dict(settings)
+        errors = {k: msg for k, msg in config.validate().items() if k in settings}
+        if errors:
+            raise ConfigError(errors)
+        if not self.dataset_items(run):
+            raise TrainerError(f"Run '{run}' has no images yet; add some above first.", field="data_dir")
+        report = scan_dataset(self.dataset_dir(run), trigger_word=trigger_word, resolution=0,
+                              caption_extension=_caption_extension(caption_extension))
+        captions = {item.path.relative_to(report.data_dir).as_posix(): item.caption for item in report.items}
+        tools = {"shuffle_tags": config.shuffle_tags, "tag_dropout": config.tag_dropout}
+        check_keep_tokens(captions, config.keep_tokens, **tools)
+        return [(name, caption, transform_caption(caption, random.Random(f"{seed}:{index}"),
+                                                  keep_tokens=config.keep_tokens, **tools))
+                for index, (name, caption) in enumerate(list(captions.items())[:count])]
 
     def native_resolution(self, model: str = "") -> int:
         """The training size a model uses when ``resolution`` is 0 (512 when unknown without loading it)."""
@@ -216,6 +249,14 @@ class RunsMixin:
             return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
         except (OSError, ValueError, KeyError, TypeError):
             return 1024 if "xl" in model.lower() else 512
+
+
+def _caption_extension(ext: str) -> str:
+    """``ext`` when it is a valid ``TrainConfig.caption_extension``, else ConfigError naming it."""
+    errors = tconfig.TrainConfig(caption_extension=(ext or "").strip()).validate()
+    if "caption_extension" in errors:
+        raise ConfigError({"caption_extension": errors["caption_extension"]})
+    return ext.strip()
 
 
 def _read_caption(path: Path) -> str:

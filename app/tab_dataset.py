@@ -1,4 +1,5 @@
-"""Step 1, Dataset: drop images (+ .txt captions, or a .zip), edit a caption per image, bulk edits, report."""
+"""Step 1, Dataset: drop images (+ .txt captions, or a .zip), edit a caption per image, bulk edits, a preview of
+the tag shuffle/dropout training applies, report."""
 from __future__ import annotations
 
 import functools
@@ -9,7 +10,7 @@ from typing import Callable
 import gradio as gr
 
 from app.common import guard, notice
-from app.service import Service
+from app.service import Service, TrainerError
 
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".txt", ".zip"]
 
@@ -20,7 +21,7 @@ class DatasetTab:
     report: gr.HTML
     status: gr.HTML
     trigger: gr.Textbox      # the run's trigger word (TrainConfig.trigger_word lives here, next to captions)
-    connect: Callable[[list[gr.components.Component]], None]   # wires events once the Train tab exists
+    connect: Callable[[dict[str, gr.components.Component]], None]   # wires events to the Train tab's fields
 
 
 @dataclass
@@ -38,12 +39,16 @@ class _Controls:
     find: gr.Textbox
     replace: gr.Textbox
     replace_btn: gr.Button
+    preview_btn: gr.Button
+    preview: gr.HTML
+    draws: gr.State          # preview clicks so far: the seed of the next draw
     items: gr.State
 
 
-def refresh(service: Service, run: str, trigger: str = "", resolution: int = 0, model: str = ""):
+def refresh(service: Service, run: str, trigger: str = "", resolution: int = 0, model: str = "",
+            caption_extension: str = ".txt"):
     """(items state, report html) for a run; other parts of the page chain to this."""
-    return _state(service, run), _report_html(service, run, trigger, resolution, model)
+    return _state(service, run), _report_html(service, run, trigger, resolution, model, caption_extension)
 
 
 def _state(service: Service, run: str) -> dict:
@@ -53,9 +58,10 @@ def _state(service: Service, run: str) -> dict:
         return {"run": run, "items": []}
 
 
-def _report_html(service: Service, run: str, trigger: str = "", resolution: int = 0, model: str = "") -> str:
+def _report_html(service: Service, run: str, trigger: str = "", resolution: int = 0, model: str = "",
+                 caption_extension: str = ".txt") -> str:
     try:
-        r = service.dataset_report(run, trigger or "", int(resolution or 0), model)
+        r = service.dataset_report(run, trigger or "", int(resolution or 0), model, caption_extension or "")
     except Exception as err:  # noqa: BLE001 - the report is advisory; show why it failed instead
         return notice(f"The dataset report failed: {err}", "error")
     if not r.get("num_images") and not r.get("unreadable"):
@@ -84,10 +90,11 @@ def build(service: Service, run: gr.Dropdown) -> DatasetTab:
     status = gr.HTML(elem_id="dataset-status")
     report = gr.HTML(elem_id="dataset-report")
     prefix_btn, clear_btn, find, replace, replace_btn = _bulk_edits()
+    preview_btn, preview = _tag_tools()
     items = gr.State({"run": "", "items": []})
     _caption_cards(service, items, status)
     ui = _Controls(upload, trigger, folder, import_btn, status, report, prefix_btn, clear_btn, find, replace,
-                   replace_btn, items)
+                   replace_btn, preview_btn, preview, gr.State(0), items)
     return DatasetTab(items=items, report=report, status=status, trigger=trigger,
                       connect=functools.partial(_connect, service, run, ui))
 
@@ -119,6 +126,37 @@ def _bulk_edits() -> tuple[gr.Button, gr.Button, gr.Textbox, gr.Textbox, gr.Butt
             replace = gr.Textbox(label="Replace with", scale=2)
             replace_btn = gr.Button("Replace in all captions", size="sm", scale=1)
     return prefix_btn, clear_btn, find, replace, replace_btn
+
+
+def _tag_tools() -> tuple[gr.Button, gr.HTML]:
+    with gr.Accordion("Tag tools", open=False, elem_id="tag-tools-accordion"):
+        gr.Markdown("Training can shuffle the comma-separated tags of each caption and drop some, keeping the "
+                    "first *keep tokens* tags (the trigger word) in place. Set **shuffle tags**, **keep tokens** "
+                    "and **tag dropout** under *2. Train → Advanced settings → Dataset*; this shows what they do.")
+        preview_btn = gr.Button("Preview shuffled captions", size="sm", elem_id="tag-preview-btn")
+        preview = gr.HTML(elem_id="tag-preview")
+    return preview_btn, preview
+
+
+def _preview_html(rows: list[tuple[str, str, str]], shuffle: bool, keep: int, dropout: float) -> str:
+    """The preview's table: each image's caption as written beside one draw of it, the kept tags in bold."""
+    active = shuffle or dropout > 0
+    if active:
+        head = notice(f"As training would see them with shuffle tags {'on' if shuffle else 'off'}, keep tokens "
+                      f"{keep} and tag dropout {dropout:g}; click again for another draw.", "ok")
+    else:
+        head = notice("Shuffle tags is off and tag dropout is 0, so training uses every caption as written; turn "
+                      "them on under 2. Train → Advanced settings → Dataset.", "info")
+    body = ""
+    for name, written, trained in rows:
+        if active:  # a transformed caption is its tags joined with ", " (tags hold no commas)
+            tags = trained.split(", ") if trained else []
+            shown = ", ".join(f"<b>{html.escape(t)}</b>" if i < keep else html.escape(t) for i, t in enumerate(tags))
+        else:
+            shown = html.escape(trained)
+        body += f"<tr><td>{html.escape(name)}</td><td>{html.escape(written)}</td><td>{shown}</td></tr>"
+    return (f"{head}<table><thead><tr><th>Image</th><th>Caption as written</th><th>As training sees it</th></tr>"
+            f"</thead><tbody>{body}</tbody></table>")
 
 
 def _caption_cards(service: Service, items: gr.State, status: gr.HTML) -> None:
@@ -159,25 +197,27 @@ def _caption_cards(service: Service, items: gr.State, status: gr.HTML) -> None:
 
 
 # -- wiring ----------------------------------------------------------------------------------
-def _connect(service: Service, run: gr.Dropdown, ui: _Controls, settings: list[gr.components.Component]) -> None:
-    """``settings`` = [resolution, model] from the Train tab: the report checks sizes against them."""
-    ctx = [run, ui.trigger, *settings]
+def _connect(service: Service, run: gr.Dropdown, ui: _Controls, fields: dict[str, gr.components.Component]) -> None:
+    """``fields`` = the Train tab's TrainConfig inputs: the report checks sizes against resolution and model and
+    reads caption_extension files; the tag preview follows shuffle_tags, keep_tokens and tag_dropout."""
+    ctx = [run, ui.trigger, fields["resolution"], fields["model"], fields["caption_extension"]]
     outs = [ui.status, ui.items, ui.report]
 
     @guard
-    def on_upload(files: list[str] | None, run_name: str, trig: str, res, model: str):
+    def on_upload(files: list[str] | None, run_name: str, trig: str, res, model: str, ext: str):
         note = service.add_files(run_name, files or [])
         return (None, notice(note, "ok"), _state(service, run_name),
-                _report_html(service, run_name, trig, res, model))
+                _report_html(service, run_name, trig, res, model, ext))
 
     @guard
-    def on_import(path: str, run_name: str, trig: str, res, model: str):
+    def on_import(path: str, run_name: str, trig: str, res, model: str, ext: str):
         note = service.import_folder(run_name, path)
-        return notice(note, "ok"), _state(service, run_name), _report_html(service, run_name, trig, res, model)
+        return (notice(note, "ok"), _state(service, run_name),
+                _report_html(service, run_name, trig, res, model, ext))
 
     def bulk(action: str):
         @guard
-        def handler(run_name: str, trig: str, res, model: str, a: str = "", b: str = ""):
+        def handler(run_name: str, trig: str, res, model: str, ext: str, a: str = "", b: str = ""):
             if action == "prefix":
                 msg = f"Put '{trig.strip()}' first in {service.bulk_prefix(run_name, trig)} caption(s)."
             elif action == "replace":
@@ -185,11 +225,20 @@ def _connect(service: Service, run: gr.Dropdown, ui: _Controls, settings: list[g
             else:
                 msg = f"Deleted {service.bulk_clear(run_name)} caption file(s)."
             return (notice(msg, "ok"), _state(service, run_name),
-                    _report_html(service, run_name, trig, res, model))
+                    _report_html(service, run_name, trig, res, model, ext))
         return handler
 
-    def on_report(run_name: str, trig: str, res, model: str):
-        return _report_html(service, run_name, trig, res, model)
+    def on_report(run_name: str, trig: str, res, model: str, ext: str):
+        return _report_html(service, run_name, trig, res, model, ext)
+
+    @guard
+    def on_preview(draws: int, run_name: str, trig: str, ext: str, shuffle: bool, keep, dropout):
+        try:
+            rows = service.preview_captions(run_name, shuffle, keep, dropout, seed=draws, trigger_word=trig or "",
+                                            caption_extension=ext or "")
+        except TrainerError as err:  # shown where the preview goes, next to the settings it names
+            return draws, notice(str(err), "error")
+        return draws + 1, _preview_html(rows, bool(shuffle), int(keep), float(dropout))
 
     ui.upload.upload(on_upload, [ui.upload, *ctx], [ui.upload, *outs])
     ui.import_btn.click(on_import, [ui.folder, *ctx], outs)
@@ -197,3 +246,7 @@ def _connect(service: Service, run: gr.Dropdown, ui: _Controls, settings: list[g
     ui.replace_btn.click(bulk("replace"), [*ctx, ui.find, ui.replace], outs)
     ui.clear_btn.click(bulk("clear"), ctx, outs)
     ui.trigger.blur(on_report, ctx, [ui.report], show_progress="hidden")
+    fields["caption_extension"].blur(on_report, ctx, [ui.report], show_progress="hidden")
+    tools = [fields["shuffle_tags"], fields["keep_tokens"], fields["tag_dropout"]]
+    ui.preview_btn.click(on_preview, [ui.draws, run, ui.trigger, fields["caption_extension"], *tools],
+                         [ui.draws, ui.preview])

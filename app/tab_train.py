@@ -146,18 +146,21 @@ def progress_html(s: JobSnapshot) -> str:
 
 
 def loss_frame(s: JobSnapshot) -> pd.DataFrame | None:
-    """The chart's data: loss and its running average per step (None before the first step: Gradio's
-    LinePlot keeps an empty colour legend forever when its first frame has no rows)."""
+    """The chart's data: loss and its running average per step, and the validation loss when the run has
+    held-out images (None before the first step: Gradio's LinePlot keeps an empty colour legend forever when
+    its first frame has no rows)."""
     hist = s.history
     if not hist:
         return None
     if len(hist) > CHART_POINTS:  # keep the chart light: evenly spaced points, always the last one
         stride = len(hist) / CHART_POINTS
         hist = tuple(hist[int(i * stride)] for i in range(CHART_POINTS)) + (hist[-1],)
+    val = s.validation
     return pd.DataFrame({
-        "step": pd.Series([h[0] for h in hist] * 2, dtype="int64"),
-        "loss": pd.Series([h[1] for h in hist] + [h[2] for h in hist], dtype="float64"),
-        "series": pd.Series(["loss"] * len(hist) + ["running average"] * len(hist), dtype="str")})
+        "step": pd.Series([h[0] for h in hist] * 2 + [v[0] for v in val], dtype="int64"),
+        "loss": pd.Series([h[1] for h in hist] + [h[2] for h in hist] + [v[1] for v in val], dtype="float64"),
+        "series": pd.Series(["loss"] * len(hist) + ["running average"] * len(hist) + ["validation"] * len(val),
+                            dtype="str")})
 
 
 def build(service: Service, run: gr.Dropdown, trigger: gr.Textbox) -> TrainTab:

@@ -80,14 +80,14 @@ def build_app(service: Service) -> gr.Blocks:
                 bl = tab_blend.build(service)
             with gr.Tab("5. Export", id="export") as export_tab:
                 ex = tab_export.build(service)
-        ds.connect([tr.fields["resolution"], tr.fields["model"]])
+        ds.connect(tr.fields)
 
-        def on_run(name: str, trigger: str, resolution, model: str):
+        def on_run(name: str, trigger: str, resolution, model: str, caption_extension: str):
             try:
                 service.run_dir(name)
             except Exception as err:  # noqa: BLE001 - shown inline next to the run box
                 return notice(str(err), "error"), {"run": name, "items": []}, ""
-            items, report = tab_dataset.refresh(service, name, trigger, resolution, model)
+            items, report = tab_dataset.refresh(service, name, trigger, resolution, model, caption_extension)
             where = service.run_dir(name)
             return notice(f"Run folder: {where}", "info"), items, report
 
@@ -106,7 +106,7 @@ def build_app(service: Service) -> gr.Blocks:
             paths = {p for _, p in choices}
             return [gr.update(choices=choices, value=c if c in paths else None) for c in current]
 
-        run.change(on_run, [run, ds.trigger, tr.fields["resolution"], tr.fields["model"]],
+        run.change(on_run, [run, ds.trigger, *(tr.fields[n] for n in ("resolution", "model", "caption_extension"))],
                    [run_notice, ds.items, ds.report])
         demo.load(on_load, None, [run])
         preview_tab.select(adapter_lists, [pv.adapter], [pv.adapter], show_progress="hidden")

@@ -1,6 +1,6 @@
-"""End to end in headless Chromium: dataset upload and caption edit, training to the end and a stopped
-run, preview at strengths 0 and 1, blending, and downloading the export. Screenshots of each step go
-to ``screenshots/`` (git-ignored). The tests share one app and one page and run in file order.
+"""End to end in headless Chromium: dataset upload and caption edit, the tag shuffle preview, training to
+the end and a stopped run, preview at strengths 0 and 1, blending, and downloading the export. Screenshots
+of each step go to ``screenshots/`` (git-ignored). The tests share one app and one page and run in file order.
 """
 from __future__ import annotations
 
@@ -204,6 +204,34 @@ def test_dataset_upload_and_caption_edit(app, page):
     assert first.read_text(encoding="utf-8") == "zkw, a disc edited in the browser"
     fill(page, "trigger-word", "zkw")
     shot(page, "01-dataset")
+
+
+def test_tag_tools_preview_follows_the_train_settings(app, page):
+    page.click("#tag-tools-accordion .label-wrap")
+    page.click("#tag-preview-btn")
+    page.wait_for_selector("#tag-preview >> text=Shuffle tags is off")
+    tab(page, "2. Train")
+    page.click("#advanced .label-wrap")
+    page.locator("#field-shuffle_tags input[type=checkbox]").check()
+    fill(page, "field-keep_tokens", 1)
+    tab(page, "1. Dataset")
+    page.click("#tag-preview-btn")
+    page.wait_for_selector("#tag-preview >> text=click again for another draw")
+    trained = page.locator("#tag-preview tbody tr td:nth-child(3)")
+    assert trained.count() == 3
+    assert all(text.startswith("zkw, ") for text in trained.all_inner_texts())   # the trigger word stays first
+    assert page.locator("#tag-preview tbody b").all_inner_texts() == ["zkw"] * 3
+    shot(page, "01b-tag-preview")
+    tab(page, "2. Train")
+    fill(page, "field-keep_tokens", 9)
+    tab(page, "1. Dataset")
+    page.click("#tag-preview-btn")
+    page.wait_for_selector("#tag-preview .notice-error >> text=keep_tokens = 9")
+    tab(page, "2. Train")                       # leave the form as the next test expects it
+    fill(page, "field-keep_tokens", 0)
+    page.locator("#field-shuffle_tags input[type=checkbox]").uncheck()
+    page.click("#advanced .label-wrap")
+    tab(page, "1. Dataset")
 
 
 def test_train_to_the_end_with_live_progress(app, page):

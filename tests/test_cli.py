@@ -97,3 +97,19 @@ def test_train_then_generate_subprocess_on_builtin(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert gen.returncode == 0, gen.stderr
     assert Image.open(out).size[0] >= 32
+
+
+def test_report_reads_the_caption_extension_given(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (40 * i, 100, 200)).save(data / f"x{i}.png")
+        (data / f"x{i}.caption").write_text(f"a blue square, tag {i}", encoding="utf-8")
+    code, out, _ = run_cli(capsys, "report", "--data", str(data))
+    assert code == 0 and "0 from files" in out and "(.txt missing or empty)" in out
+    code, out, _ = run_cli(capsys, "report", "--data", str(data), "--caption-extension", ".caption")
+    assert code == 0 and "3 from files" in out and "missing or empty" not in out
+    assert "a blue square (3)" in out
+    code, _, err = run_cli(capsys, "report", "--data", str(data), "--caption-extension", "cap/tion")
+    assert code == 2 and "caption_extension" in err and "cap/tion" in err
+    assert_one_error_line(err)

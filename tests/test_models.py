@@ -14,8 +14,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from tests.tiny_models import build_tiny, text_config
 from trainer.models.checkpoint import read_checkpoint, to_ldm_state_dict
 from trainer.errors import TrainerError
-from trainer.models.loader import (CONFIGS_DIR, BaseModel, detect_checkpoint, encode_prompts, load_base_model, make_pipeline,
-                            save_config_folder, save_single_file)
+from trainer.models.loader import (CONFIGS_DIR, BaseModel, detect_checkpoint, encode_prompts, load_base_model,
+                                   make_pipeline, save_config_folder, save_single_file)
 
 
 @pytest.fixture(scope="module")

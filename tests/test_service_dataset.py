@@ -111,3 +111,52 @@ def test_native_resolution_of_builtin_comes_from_its_configs(service):
     assert BUILTIN_MODEL_DIR == BUILTIN_DIR
     assert service.native_resolution("builtin") == 64
     assert service.native_resolution("/nowhere/sdxl-base.safetensors") == 1024
+
+
+# --- caption tools -------------------------------------------------------------------------------
+def test_preview_captions_keeps_the_trigger_first_and_shuffles_the_rest(service, tmp_path):
+    src = make_dataset(tmp_path / "src", n=4)
+    for i in range(4):
+        (src / f"img_{i:02d}.txt").write_text(f"disc, colour {i}, square, small, white", encoding="utf-8")
+    service.add_files("r", sorted(src.iterdir()))
+    rows = service.preview_captions("r", True, 1, 0.0, trigger_word="zkw")
+    assert [name for name, _, _ in rows] == ["img_00.png", "img_01.png", "img_02.png"]
+    for name, written, trained in rows:
+        assert written.startswith("zkw, disc, colour")              # the trigger word, as training adds it
+        assert trained.split(", ")[0] == "zkw"
+        assert sorted(trained.split(", ")) == sorted(written.split(", "))
+    assert rows == service.preview_captions("r", True, 1, 0.0, trigger_word="zkw")   # same seed, same draw
+    draws = {service.preview_captions("r", True, 1, 0.0, seed=s, trigger_word="zkw")[0][2] for s in range(20)}
+    assert len(draws) > 1
+    off = service.preview_captions("r", False, 1, 0.0, trigger_word="zkw")
+    assert all(written == trained for _, written, trained in off)
+
+
+def test_preview_captions_refuses_keep_tokens_beyond_a_caption_and_bad_values(service, tmp_path):
+    service.add_files("r", sorted(make_dataset(tmp_path / "src", n=2).iterdir()))
+    service.set_caption("r", "img_00.png", "disc, blue, big")
+    service.set_caption("r", "img_01.png", "disc, blue")
+    with pytest.raises(TrainerError) as err:
+        service.preview_captions("r", True, 3, 0.0)
+    assert err.value.field == "keep_tokens" and "'img_01.png'" in str(err.value) and "= 3" in str(err.value)
+    assert service.preview_captions("r", False, 3, 0.0)           # nothing moves: the whole caption is kept
+    with pytest.raises(TrainerError) as err:
+        service.preview_captions("r", True, 1, 1.5)
+    assert err.value.field == "tag_dropout"
+    with pytest.raises(TrainerError) as err:
+        service.preview_captions("empty-run", True, 1, 0.1)
+    assert err.value.field == "data_dir"
+
+
+def test_caption_extension_is_followed_by_report_and_preview(service, tmp_path):
+    service.add_files("r", sorted(make_dataset(tmp_path / "src", n=3, captions=False).iterdir()))
+    for i in range(3):
+        (service.dataset_dir("r") / f"img_{i:02d}.caption").write_text(f"disc, tag {i}", encoding="utf-8")
+    assert len(service.dataset_report("r", resolution=64)["missing_captions"]) == 3
+    report = service.dataset_report("r", resolution=64, caption_extension=".caption")
+    assert report["missing_captions"] == [] and report["items"][0]["caption"] == "disc, tag 0"
+    rows = service.preview_captions("r", True, 1, 0.0, caption_extension=".caption")
+    assert rows[2][1] == "disc, tag 2"
+    with pytest.raises(TrainerError) as err:
+        service.dataset_report("r", caption_extension="caption")
+    assert err.value.field == "caption_extension"

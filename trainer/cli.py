@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import TrainerError
+from .errors import ConfigError, TrainerError
 
 # flag -> TrainConfig field, for the flags the README documents
 TRAIN_FLAGS = {
@@ -20,10 +20,12 @@ TRAIN_FLAGS = {
     "epochs": "epochs", "lr": "learning_rate", "batch_size": "batch_size",
     "mixed_precision": "mixed_precision", "text_encoder_lr": "text_encoder_lr",
     "projector_rank": "projector_rank", "projector_alpha": "projector_alpha", "projector_lr": "projector_lr",
+    "cache_dir": "cache_dir",
 }
 # switch flag -> (TrainConfig field, value it sets); an absent switch leaves the preset/config value
 TRAIN_SWITCHES = {"train_text_encoder": ("train_text_encoder", True), "train_projectors": ("train_projector", True),
-                  "no_unet": ("train_unet", False), "portable": ("export_portable", True)}
+                  "no_unet": ("train_unet", False), "portable": ("export_portable", True),
+                  "no_buckets": ("enable_buckets", False), "no_cache": ("cache_latents", False)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--projector-rank", type=int, help="projector LoRA rank (default: --rank)")
     t.add_argument("--projector-alpha", type=float, help="projector LoRA alpha (default: --alpha)")
     t.add_argument("--projector-lr", type=float, help="projector learning rate")
+    t.add_argument("--no-buckets", action="store_true", default=None,
+                   help="square-crop every image to the resolution instead of aspect-ratio buckets")
+    t.add_argument("--cache-dir", metavar="DIR",
+                   help="latent cache folder, shared by runs on the same images (default: <out>/cache)")
+    t.add_argument("--no-cache", action="store_true", default=None,
+                   help="encode every image through the VAE at every step (no latent cache)")
     t.add_argument("--portable", action="store_true", default=None,
                    help="also write NAME-portable.safetensors without projector modules")
     t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -74,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=7.0)
     g.add_argument("--negative", default="")
     g.add_argument("--size", type=int, help="image size in pixels (default: the model's native size)")
+    g.add_argument("--clip-skip", type=int, default=0, metavar="N",
+                   help="condition on the text encoder's layer N from the end, as the LoRA was trained "
+                        "(A1111's clip skip; 0/1 = last layer; SD1/SD2 only)")
+    g.add_argument("--max-token-length", type=int, default=75, choices=(75, 150, 225),
+                   help="prompt tokens the text encoder sees; 150/225 encode longer prompts in chunks of 75")
     g.add_argument("--out", required=True, help="PNG file to write")
 
     r = sub.add_parser("report", help="check a dataset folder before training")
@@ -81,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trigger", default="")
     r.add_argument("--resolution", type=int, default=0,
                    help="warn about images smaller than this (default 0: no size check)")
+    r.add_argument("--no-buckets", action="store_true",
+                   help="do not show the aspect-ratio buckets (shown for --resolution, default 512)")
+    r.add_argument("--caption-extension", default=".txt", metavar="EXT",
+                   help="extension of the caption files beside the images (default .txt), e.g. .caption")
 
     sub.add_parser("presets", help="list the presets")
     return parser
@@ -143,7 +160,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise TrainerError(f"LoRA file '{path}' does not exist; check the path.", field="lora")
     renderer = Renderer.load(args.model)
     image = renderer.render(RenderSettings(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed,
-                                           steps=args.steps, guidance=args.guidance, size=args.size), loras)
+                                           steps=args.steps, guidance=args.guidance, size=args.size,
+                                           clip_skip=args.clip_skip, max_token_length=args.max_token_length),
+                            loras)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
@@ -152,9 +171,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
     from .data.scan import scan_dataset
 
-    print(scan_dataset(args.data, trigger_word=args.trigger, resolution=args.resolution).summary())
+    problem = TrainConfig(caption_extension=args.caption_extension).validate().get("caption_extension")
+    if problem:
+        raise ConfigError({"caption_extension": problem})
+    report = scan_dataset(args.data, trigger_word=args.trigger, resolution=args.resolution,
+                          caption_extension=args.caption_extension)
+    if not args.no_buckets:
+        from .data.buckets import add_bucket_table, bucket_spec
+
+        add_bucket_table(report, bucket_spec(args.resolution or 512))
+    print(report.summary())
     return 0
 
 

@@ -43,10 +43,12 @@ def _section(name: str):
 
 _model = _section("base model")
 _data = _section("dataset")
+_buckets = _section("buckets and caches")
 _output = _section("output")
 _network = _section("network")
 _optim = _section("optimisation")
 _sampling = _section("sampling during training")
+_valid = _section("validation")
 
 
 @dataclass
@@ -60,6 +62,10 @@ class TrainConfig:
     arch: str = _model("auto", "auto-detect, or force sd1 / sd2 / sdxl", choices=ARCHS)
     prediction_type: str = _model(
         "auto", "auto-detect (v_prediction for SD2-768), or force", choices=PREDICTION_TYPES)
+    clip_skip: int = _model(0, "condition on the text encoder's layer N from the end (A1111/kohya clip skip; "
+                               "2 for anime models); 0 or 1 = last layer; SD1/SD2 only")
+    max_token_length: int = _model(75, "caption tokens the text encoder sees: 75, 150 or 225 (longer captions "
+                                       "are encoded in chunks of 75, as kohya does)")
 
     # --- dataset ----------------------------------------------------------------------
     data_dir: str = _data("", "images + same-stem .txt captions (kohya convention)")
@@ -69,6 +75,24 @@ class TrainConfig:
     random_flip: bool = _data(False, "horizontal flip augmentation (off: breaks asymmetric subjects)")
     repeats: int = _data(1, "each image is seen this many times per epoch")
     caption_dropout: float = _data(0.0, "probability of training on an empty caption")
+    shuffle_tags: bool = _data(False, "shuffle the comma-separated tags of each caption every epoch (kohya)")
+    keep_tokens: int = _data(0, "tags kept first and fixed when shuffling/dropping; 1 keeps the trigger word")
+    tag_dropout: float = _data(0.0, "probability of dropping each tag after the kept ones; 0 = off, 0.1 typical")
+    caption_extension: str = _data(".txt", "file extension of the caption files beside the images, e.g. .caption")
+    reg_data_dir: str = _data("", "regularisation (class) images with their own captions; empty = none")
+    prior_loss_weight: float = _data(1.0, "loss weight of the regularisation images")
+
+    # --- buckets and caches -----------------------------------------------------------
+    enable_buckets: bool = _buckets(True, "aspect-ratio buckets; off = every image square-cropped to the resolution")
+    bucket_step: int = _buckets(0, "bucket sides are multiples of this (0 = 64, or resolution/8 for small models)")
+    min_bucket_reso: int = _buckets(0, "shortest bucket side in px (0 = half the resolution)")
+    max_bucket_reso: int = _buckets(0, "longest bucket side in px (0 = twice the resolution)")
+    bucket_no_upscale: bool = _buckets(False, "small images get a bucket of their own size instead of being enlarged")
+    cache_latents: bool = _buckets(True, "encode each image through the VAE once, not every step (fixed crops only)")
+    cache_to_disk: bool = _buckets(True, "keep the latent cache on disk so later runs on the same images reuse it")
+    cache_dir: str = _buckets("", "folder of the disk cache (empty = <run folder>/cache)")
+    cache_text_encoder_outputs: bool = _buckets(
+        True, "encode each caption once when no text encoder trains and captions do not change per epoch")
 
     # --- output -----------------------------------------------------------------------
     output_dir: str = _output("outputs", "the run folder: adapter, config, samples, checkpoints")
@@ -120,6 +144,11 @@ class TrainConfig:
     sample_steps: int = _sampling(20)
     sample_guidance: float = _sampling(7.0)
 
+    # --- validation -------------------------------------------------------------------
+    validation_split: float = _valid(0.0, "images held out for a validation loss: a share (0.1) or a count (5)")
+    validation_dir: str = _valid("", "a folder of validation images with captions, instead of validation_split")
+    validate_every_n_steps: int = _valid(0, "0 = ten evaluations per run (and one before training)")
+
     # ---------------------------------------------------------------------------------
     def validate(self) -> dict[str, str]:
         """Return ``{field: message}`` for every invalid field (empty when valid)."""
@@ -131,9 +160,18 @@ class TrainConfig:
                 e[f.name] = f"{value!r} is not one of {', '.join(options)}; pick one of those."
         if not str(self.model).strip():
             e["model"] = "is empty; give 'builtin', a model folder, a checkpoint file or a hub id."
+        if not 0 <= self.clip_skip <= 12:
+            e["clip_skip"] = f"{self.clip_skip} must be between 0 and 12; use 0 (off) or 2 (usual for anime models)."
+        if self.max_token_length not in (75, 150, 225):
+            e["max_token_length"] = (f"{self.max_token_length} is not one of 75, 150, 225; use 75, or 150/225 "
+                                     "for captions longer than 75 tokens.")
         if self.resolution != 0 and (self.resolution < 64 or self.resolution % 8):
             e["resolution"] = (f"{self.resolution} must be a multiple of 8 and at least 64 (or 0 for the "
                                f"model's native size); try {max(64, (self.resolution + 7) // 8 * 8)}.")
+        e.update(self._bucket_errors())
+        e.update(self._validation_errors())
+        if self.prior_loss_weight < 0:
+            e["prior_loss_weight"] = f"{self.prior_loss_weight} must be 0 or more; 1.0 is the usual value."
         if self.rank < 1:
             e["rank"] = f"{self.rank} must be 1 or more; 16 is a good start."
         if self.alpha <= 0:
@@ -158,6 +196,14 @@ class TrainConfig:
                 e[name] = f"{getattr(self, name)} must be 0 or more."
         if not (0 <= self.caption_dropout < 1):
             e["caption_dropout"] = f"{self.caption_dropout} must be in [0, 1); 0.05-0.1 is typical."
+        if self.keep_tokens < 0:
+            e["keep_tokens"] = f"{self.keep_tokens} must be 0 or more; 1 keeps the trigger word first."
+        if not (0 <= self.tag_dropout < 1):
+            e["tag_dropout"] = f"{self.tag_dropout} must be in [0, 1); 0 turns it off, 0.1 is typical."
+        ext = self.caption_extension
+        if not ext.startswith(".") or len(ext) < 2 or any(c in ext for c in "/\\"):
+            e["caption_extension"] = (f"{ext!r} is not a file extension; give one that starts with '.' and has "
+                                      "no '/' or '\\', e.g. '.txt' or '.caption'.")
         for name in ("min_snr_gamma", "noise_offset", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 e[name] = f"{getattr(self, name)} must be 0 or more (0 disables it)."
@@ -173,6 +219,35 @@ class TrainConfig:
             e["sample_prompts"] = "is empty while sample_every_n_steps is set; add a prompt or set it to 0."
         return e
 
+    def _bucket_errors(self) -> dict[str, str]:
+        e: dict[str, str] = {}
+        if self.bucket_step and (self.bucket_step < 8 or self.bucket_step % 8):
+            e["bucket_step"] = f"{self.bucket_step} must be a multiple of 8 (or 0 for automatic); try 64."
+        for name in ("min_bucket_reso", "max_bucket_reso"):
+            v = getattr(self, name)
+            if v and (v < 8 or v % 8):
+                e[name] = f"{v} must be 0 (automatic) or a multiple of 8; try {max(8, (v + 7) // 8 * 8)}."
+        if self.min_bucket_reso and self.max_bucket_reso and self.min_bucket_reso > self.max_bucket_reso:
+            e["min_bucket_reso"] = (f"{self.min_bucket_reso} is larger than max_bucket_reso "
+                                    f"({self.max_bucket_reso}); lower it or raise max_bucket_reso.")
+        if self.resolution and self.max_bucket_reso and self.max_bucket_reso < self.resolution:
+            e["max_bucket_reso"] = (f"{self.max_bucket_reso} is smaller than the resolution ({self.resolution}); "
+                                    "set it to 0 (twice the resolution) or at least the resolution.")
+        return e
+
+    def _validation_errors(self) -> dict[str, str]:
+        e: dict[str, str] = {}
+        v = self.validation_split
+        if v < 0 or (v >= 1 and not float(v).is_integer()):
+            e["validation_split"] = (f"{v:g} must be a share below 1 (e.g. 0.1), a whole count (e.g. 5) or 0 "
+                                     "(no validation).")
+        if v and self.validation_dir.strip():
+            e["validation_dir"] = ("is set together with validation_split; use one: clear validation_dir or set "
+                                   "validation_split to 0.")
+        if self.validate_every_n_steps < 0:
+            e["validate_every_n_steps"] = f"{self.validate_every_n_steps} must be 0 (automatic) or more."
+        return e
+
     def check(self) -> "TrainConfig":
         errors = self.validate()
         if errors:
@@ -180,6 +255,11 @@ class TrainConfig:
         return self
 
     # --- derived values ---------------------------------------------------------------
+    @property
+    def text_encoding(self) -> dict[str, int]:
+        """How captions are encoded (``encode_prompts`` / ``RenderSettings`` keywords)."""
+        return {"clip_skip": self.clip_skip, "max_token_length": self.max_token_length}
+
     @property
     def te_rank(self) -> int:
         return self.text_encoder_rank or self.rank

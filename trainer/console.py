@@ -5,7 +5,7 @@ import sys
 
 from tqdm import tqdm
 
-from .events import Event, Failed, Finished, Log, Progress, Sample, Saved, Started
+from .events import Event, Failed, Finished, Log, Progress, Sample, Saved, Started, Validation
 
 
 class ConsoleProgress:
@@ -35,6 +35,8 @@ class ConsoleProgress:
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{event.avg_loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
                 self.bar.update(event.step - self.bar.n)
+        elif isinstance(event, Validation):
+            self._say(f"validation loss at step {event.step}: {event.loss:.4f} ({event.images} held-out images)")
         elif isinstance(event, Log):
             self._say(event.message)
         elif isinstance(event, Saved):

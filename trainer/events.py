@@ -31,6 +31,13 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Validation:
+    step: int                 # optimizer steps done when evaluated (0 = the base model)
+    loss: float               # mean MSE on the held-out images at fixed timesteps and noise
+    images: int
+
+
+@dataclass(frozen=True)
 class Sample:
     step: int
     paths: tuple[str, ...]
@@ -64,7 +71,7 @@ class Failed:
     step: int
 
 
-Event = Union[Started, Progress, Sample, Saved, Log, Finished, Failed]
+Event = Union[Started, Progress, Validation, Sample, Saved, Log, Finished, Failed]
 Listener = Callable[[Event], None]
 
 

@@ -174,6 +174,15 @@ def resize_short_side(img: Image.Image, size: int) -> Image.Image:
     return img.resize(new, Image.Resampling.BICUBIC)
 
 
+def resize_to(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize to exactly ``size`` (width, height): LANCZOS down, BICUBIC up (``img`` itself when equal)."""
+    if img.size == tuple(size):
+        return img
+    if size[0] * size[1] < img.width * img.height:
+        return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return img.resize(size, Image.Resampling.BICUBIC)
+
+
 def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     """RGB image -> uint8 tensor [3, H, W]."""
     if img.mode != "RGB":

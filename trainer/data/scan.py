@@ -55,6 +55,7 @@ class DatasetReport:
     tag_frequency: dict[str, int] = field(default_factory=dict)  # comma-separated tags of the captions
     resolution: int = 512
     trigger_word: str = ""
+    buckets: dict = field(default_factory=dict)  # bucket table (``buckets.bucket_table``) when computed
 
     @property
     def num_samples(self) -> int:
@@ -76,6 +77,10 @@ class DatasetReport:
                      if self.resolution else "")
             lines.append(f"Sizes: {s['min_width']}-{s['max_width']} px wide, {s['min_height']}-"
                          f"{s['max_height']} px high{small}")
+        if self.buckets:
+            cells = [f"{b['resolution'][0]}x{b['resolution'][1]} ({b['count']})"
+                     for b in self.buckets["buckets"].values()]
+            lines.append(f"Buckets: {', '.join(cells)}; mean aspect error {self.buckets['mean_img_ar_error']:.3f}")
         lines.append(f"Unreadable: {len(self.unreadable)}, duplicates: {len(self.duplicates)}, "
                      f"orphan captions: {len(self.orphan_captions)}")
         if self.tag_frequency:
@@ -106,6 +111,7 @@ class DatasetReport:
             "tag_frequency": dict(self.tag_frequency),
             "resolution": self.resolution,
             "trigger_word": self.trigger_word,
+            "buckets": dict(self.buckets),
         }
 
 

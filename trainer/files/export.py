@@ -134,6 +134,7 @@ def build_metadata(config: TrainConfig, *, arch: str, prediction_type: str, base
     md: dict[str, Any] = {
         **_network_keys(config),
         **_base_model_keys(arch, v_pred, base_name, resolution),
+        **_conditioning_keys(config),
         **_run_keys(config, num_images=num_images, steps=steps, epoch=epoch, tag_frequency=tag_frequency,
                     started_at=training_started_at, now=now),
         **_hyperparameter_keys(config, v_pred),
@@ -186,7 +187,14 @@ def _base_model_keys(arch: str, v_pred: bool, base_name: str, resolution: int) -
         "ss_v_parameterization": v_pred,
         "ss_sd_model_name": base_name,
         "ss_resolution": f"({resolution}, {resolution})",
-        "ss_clip_skip": "None",
+    }
+
+
+def _conditioning_keys(config: TrainConfig) -> dict[str, Any]:
+    """As sd-scripts writes its unset defaults: "None" for clip skip off and for 75 tokens."""
+    return {
+        "ss_clip_skip": str(config.clip_skip) if config.clip_skip else "None",
+        "ss_max_token_length": str(config.max_token_length) if config.max_token_length != 75 else "None",
     }
 
 

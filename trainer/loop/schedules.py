@@ -22,6 +22,14 @@ def total_steps(num_samples: int, batch_size: int, grad_accum: int, epochs: int,
     return epochs * steps_per_epoch(num_samples, batch_size, grad_accum)
 
 
+def total_steps_for_batches(batches_per_epoch: int, grad_accum: int, epochs: int, max_steps: int) -> int:
+    """``max_steps`` when set, else ``epochs`` passes over ``batches_per_epoch`` micro-batches (a last partial
+    accumulation still steps the optimizer)."""
+    if max_steps > 0:
+        return max_steps
+    return epochs * max(1, math.ceil(batches_per_epoch / grad_accum))
+
+
 def lr_multiplier(step: int, *, schedule: str, warmup: int, total: int) -> float:
     """LR factor at optimizer step ``step`` (0-based): linear warm-up, then the named decay."""
     if warmup > 0 and step < warmup:

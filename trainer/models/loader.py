@@ -18,6 +18,7 @@ from ..errors import TrainerError
 from .builtin import builtin_folder
 from .checkpoint import (CHECKPOINT_SUFFIXES, detect_checkpoint, read_checkpoint, to_ldm_state_dict,
                          unet_with_extras, write_checkpoint)
+from .text import encode_text
 
 __all__ = ["BaseModel", "load_base_model", "detect_checkpoint", "make_pipeline", "encode_prompts",
            "save_single_file", "save_config_folder", "make_tokenizers"]
@@ -309,34 +310,23 @@ def make_pipeline(base: BaseModel, sampler: str = "dpmpp") -> DiffusionPipeline:
     return _pipeline(base, cls.from_config(base.noise_scheduler.config, **overrides))
 
 
-def _tokenize(tokenizer: CLIPTokenizer, captions: list[str], device) -> torch.Tensor:
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return ids.to(device)
-
-
-def encode_prompts(base: BaseModel, captions: list[str], *, size: int | None = None) -> dict:
+def encode_prompts(base: BaseModel, captions: list[str], *, size: int | None = None, clip_skip: int = 0,
+                   max_token_length: int = 75) -> dict:
     """UNet conditioning for a batch of captions, with autograd (text-encoder LoRA may be training).
 
-    SD1/SD2: ``{"encoder_hidden_states"}`` = the encoder's last hidden state (as the SD pipelines).
-    SDXL: penultimate hidden states of both encoders concatenated, plus ``added_cond_kwargs`` with the
-    pooled projection of encoder 2 and time ids (size, size, 0, 0, size, size).
+    SD1/SD2: ``{"encoder_hidden_states"}`` = the encoder's last hidden state (as the SD pipelines), or with
+    ``clip_skip`` N >= 2 the final-normed state N layers from the end. SDXL: penultimate hidden states of both
+    encoders concatenated, plus ``added_cond_kwargs`` with the pooled projection of encoder 2 and time ids
+    (size, size, 0, 0, size, size). ``max_token_length`` 150/225 encodes captions in chunks of 75 tokens
+    (sequence length 152/227); see ``text.encode_text``.
     """
-    captions = list(captions)
-    encoder = base.text_encoders[0]
+    states, pooled = encode_text(base, captions, clip_skip=clip_skip, max_token_length=max_token_length)
     if base.arch != "sdxl":
-        ids = _tokenize(base.tokenizers[0], captions, encoder.device)
-        return {"encoder_hidden_states": encoder(ids)[0]}
-    states, pooled = [], None
-    for tokenizer, encoder in zip(base.tokenizers, base.text_encoders):
-        out = encoder(_tokenize(tokenizer, captions, encoder.device), output_hidden_states=True)
-        states.append(out.hidden_states[-2])
-        pooled = out[0]  # text_embeds of the projection model (the last encoder)
+        return {"encoder_hidden_states": states}
     size = size or base.resolution
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * len(captions), dtype=pooled.dtype,
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * len(states), dtype=pooled.dtype,
                             device=pooled.device)
-    return {"encoder_hidden_states": torch.cat(states, dim=-1),
-            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+    return {"encoder_hidden_states": states, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
 # --- saving ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from ..files.adapters import apply_adapter, read_lora_file, remove_adapter, set_weights
 from ..errors import TrainerError
 from ..models.loader import BaseModel, load_base_model, make_pipeline
+from ..models.text import check_conditioning, prompt_kwargs
 
 
 @dataclass
@@ -23,6 +24,8 @@ class RenderSettings:
     steps: int = 20
     guidance: float = 7.0
     size: int | None = None            # None = the model's native resolution
+    clip_skip: int = 0                 # as the run's config: 0/1 = last layer, 2 = A1111's "clip skip 2"
+    max_token_length: int = 75         # 150/225: prompts longer than 75 tokens are encoded in chunks
 
 
 @dataclass
@@ -79,12 +82,16 @@ class Renderer:
     @torch.no_grad()
     def render(self, settings: RenderSettings, loras: dict[str, float] | None = None):
         """One PIL image for ``settings`` with ``loras`` ({path: weight}) applied."""
+        check_conditioning(self.base, settings.clip_skip, settings.max_token_length)
         self.set_strengths(loras or {})
         size = settings.size or self.base.resolution
         generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-        return self.pipeline(settings.prompt, negative_prompt=settings.negative_prompt or None,
-                             num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                             height=size, width=size, generator=generator).images[0]
+        pipe = self.pipeline
+        prompts = prompt_kwargs(self.base, settings.prompt, settings.negative_prompt,
+                                clip_skip=settings.clip_skip, max_token_length=settings.max_token_length,
+                                zero_empty_negative=bool(pipe.config.get("force_zeros_for_empty_prompt")))
+        return pipe(**prompts, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                    height=size, width=size, generator=generator).images[0]
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
