@@ -110,6 +110,7 @@ class LoraDataset(torch.utils.data.Dataset):
             left = p.resized[0] - left - p.bucket[0]
         weight = self.prior_loss_weight if item_index >= self.num_train_items else 1.0
         sample = {"caption": caption, "item": item_index, "flip": flip, "loss_weight": weight,
+                  "index": index, "epoch": epoch,
                   "time_ids": torch.tensor(sdxl_time_ids(_moved(p, left, top)), dtype=torch.float32)}
         if self.latents is not None:
             sample["latent_params"] = self.latents.get(item_index, flip)
@@ -194,6 +195,7 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"captions": [s["caption"] for s in batch],
                            "time_ids": torch.stack([s["time_ids"] for s in batch]),
                            "items": [s["item"] for s in batch], "flips": [s["flip"] for s in batch],
+                           "indices": [s["index"] for s in batch], "epoch": batch[0]["epoch"],
                            "loss_weights": torch.tensor([s["loss_weight"] for s in batch], dtype=torch.float32)}
     key = "latent_params" if "latent_params" in batch[0] else "pixel_values"
     out[key] = torch.stack([s[key] for s in batch])

@@ -4,6 +4,7 @@ Each takes plain values or tensors and returns a value; the loop in train.py onl
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -53,6 +54,17 @@ def sample_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Ge
                              device=latents.device, dtype=latents.dtype)
         noise = noise + noise_offset * offset
     return noise
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A stable 63-bit seed for one sample of one epoch (the same in every process and on every device)."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}:noise".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def sample_generators(seed: int, epoch: int, indices: list[int], device) -> list[torch.Generator]:
+    """One generator per sample of a batch, seeded by ``sample_seed``."""
+    return [torch.Generator(device=device).manual_seed(sample_seed(seed, epoch, i)) for i in indices]
 
 
 def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

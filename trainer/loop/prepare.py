@@ -1,0 +1,145 @@
+"""Everything a run is built from before its first step: the accelerator, the LoRA network injected and cast,
+the data pipeline with its caches, the optimizer and LR schedule, and the validation set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..data.pipeline import DataPipe, attach_latent_cache, attach_text_cache, build_data, model_multiple
+from ..errors import TrainerError
+from ..events import Log
+from ..models.loader import BaseModel, encode_prompts
+from ..network.lora import cast_frozen, describe_group, groups_from_config, inject
+from . import schedules
+from .outputs import Run
+from .validation import build_validation_set, validation_loss
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_accelerator(config: TrainConfig):
+    """An accelerate.Accelerator for this config; fp16 needs a CUDA device."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate keeps process-wide state; a long-lived process (the web UI) trains many runs
+    # with different precisions, so each run starts from a clean state.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise TrainerError("mixed_precision 'fp16' needs a CUDA GPU and none was found; "
+                           "use 'bf16' or 'no' on this machine.", field="mixed_precision")
+    return Accelerator(mixed_precision=config.mixed_precision,
+                       gradient_accumulation_steps=config.gradient_accumulation_steps)
+
+
+def make_optimizer(config: TrainConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW when asked for (and installed)."""
+    kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                  weight_decay=config.weight_decay)
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainerError("optimizer 'adamw8bit' needs the bitsandbytes package; "
+                               "`pip install bitsandbytes` (CUDA only) or use 'adamw'.",
+                               field="optimizer") from None
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    return torch.optim.AdamW(param_groups, **kwargs)
+
+
+@dataclass
+class Parts:
+    """What ``_prepare`` builds for one run: the network on its device, the data, the optimizer."""
+
+    accelerator: Any
+    device: torch.device
+    weight_dtype: torch.dtype
+    trainable: list[nn.Module]            # components with LoRA parameters (prepared by accelerate)
+    params: dict[str, list[nn.Parameter]]  # LoRA parameters by target group
+    unet: nn.Module                       # the UNet as accelerate wrapped it (or the frozen one)
+    data: DataPipe                        # dataset, bucket batch sampler, loader, caches
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    alphas_cumprod: torch.Tensor          # the noise schedule's, on ``device``
+    validate: Callable[[], float] | None  # the validation loss now (None: no validation images)
+    total: int                            # optimizer steps of the whole run
+
+
+def prepare(run: Run) -> Parts:
+    """LoRA injected and cast, data loader, optimizer and LR schedule, all through accelerate."""
+    config = run.config
+    accelerator = make_accelerator(config)
+    device, weight_dtype = accelerator.device, DTYPES[config.mixed_precision]
+    torch.manual_seed(config.seed)  # LoRA A init and dataloader order depend on it
+    groups, params, trainable = _inject_network(run, device, weight_dtype)
+    data = _prepare_data(run, device)
+    total = schedules.total_steps_for_batches(len(data.sampler), config.gradient_accumulation_steps,
+                                              config.epochs, config.max_train_steps)
+    lr_of = {g.name: g.lr for g in groups}
+    optimizer = make_optimizer(config, [{"params": p, "lr": lr_of[n], "name": n} for n, p in params.items()])
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedules.lr_multiplier(
+        s, schedule=config.lr_scheduler, warmup=config.lr_warmup_steps, total=total))
+    prepared = accelerator.prepare(*trainable, optimizer, data.loader, lr_scheduler)
+    optimizer, data.loader, lr_scheduler = prepared[-3:]
+    unet = prepared[trainable.index(run.base.unet)] if run.base.unet in trainable else run.base.unet
+    return Parts(accelerator=accelerator, device=device, weight_dtype=weight_dtype, trainable=trainable,
+                  params=params, unet=unet, data=data, optimizer=optimizer,
+                  lr_scheduler=lr_scheduler,
+                  alphas_cumprod=run.base.noise_scheduler.alphas_cumprod.to(device), total=total,
+                  validate=_validator(run, data, unet, device, weight_dtype))
+
+
+def _prepare_data(run: Run, device) -> DataPipe:
+    """Buckets, sampler and loader; the latent and text-encoder caches filled when they are valid."""
+    config, base = run.config, run.base
+    log = lambda line: run.emit(Log(line))  # noqa: E731
+    data = build_data(config, run.report, log=log, multiple=model_multiple(base.unet, base.vae), reg=run.reg)
+    attach_latent_cache(data, config, base.vae, device=device, base_name=base.name, run_dir=run.run_dir, log=log)
+    attach_text_cache(data, config, lambda captions: encode_prompts(base, captions, size=config.resolution,
+                           **config.text_encoding),
+                      log=log)
+    run.data = data
+    return data
+
+
+def _validator(run: Run, data: DataPipe, unet, device, weight_dtype) -> Callable[[], float] | None:
+    if run.held_out is None:
+        return None
+    vset = build_validation_set(run.held_out, run.config, run.base, device, data.buckets)
+    return lambda: validation_loss(vset, run.base, unet, run.config, weight_dtype, device)
+
+
+def _inject_network(run: Run, device, weight_dtype: torch.dtype):
+    """Inject the config's target groups; move the model to ``device`` with frozen weights in
+    ``weight_dtype``. Returns (groups, LoRA parameters by group, trainable components)."""
+    config, base = run.config, run.base
+    components = base.components()
+    groups = groups_from_config(config, components)
+    for group in groups:
+        run.emit(Log(describe_group(group)))
+    params = inject(components, groups)
+    base.to(device)
+    cast_frozen(components, weight_dtype)
+    # fp16 VAEs overflow into NaN latents; the VAE stays fp32 unless bf16 is asked for.
+    vae_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+    if base.vae.dtype != vae_dtype:
+        base.vae.to(dtype=vae_dtype)
+    trainable = [m for name, m in components.items()
+                 if any(p.requires_grad for p in m.parameters())]
+    if config.gradient_checkpointing:
+        _enable_checkpointing(base)
+    return groups, params, trainable
+
+
+def _enable_checkpointing(base: BaseModel) -> None:
+    base.unet.enable_gradient_checkpointing()
+    for te in base.text_encoders:
+        if any(p.requires_grad for p in te.parameters()):
+            te.gradient_checkpointing_enable()
+            te.config.use_cache = False
