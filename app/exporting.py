@@ -75,21 +75,25 @@ class ExportMixin:
 
     def suggest_prompt(self, path: str) -> str:
         """A prompt to try an adapter with: its run's first sample prompt, else its trigger word."""
-        try:
-            cfg = json.loads((Path(path).parent / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return ""
+        cfg = _run_config(path)
         prompts = cfg.get("sample_prompts") or []
         return prompts[0] if prompts else str(cfg.get("trigger_word", ""))
+
+    def adapter_text_encoding(self, path: str) -> dict[str, int]:
+        """How its run encoded captions, to render prompts the same way: ``clip_skip`` and ``max_token_length``
+        from the run's config.json (0 and 75, the TrainConfig defaults, when there is none or it is unreadable)."""
+        cfg, out = _run_config(path), {"clip_skip": 0, "max_token_length": 75}
+        for key in out:
+            try:
+                out[key] = int(cfg.get(key, out[key]))
+            except (TypeError, ValueError):
+                pass
+        return out
 
     # -- export -----------------------------------------------------------------------------
     def adapter_model(self, path: str) -> str:
         """The base model an adapter was trained on here (its run's config.json), else the default."""
-        try:
-            cfg = json.loads((Path(path).parent / "config.json").read_text(encoding="utf-8"))
-            return str(cfg.get("model") or self.default_model)
-        except (OSError, ValueError):
-            return self.default_model
+        return str(_run_config(path).get("model") or self.default_model)
 
     def export(self, path: str, fmt: str = "kohya", model: str = "") -> str:
         """The file to download: the adapter itself (kohya/A1111), a portable copy without projector modules
@@ -115,3 +119,12 @@ class ExportMixin:
             cached.mtimes[str(p)] = mtime
             name = cached.renderer.attach(p)
             return str(save_diffusers_format(copy, cached.renderer.base.components(), adapter_name=name))
+
+
+def _run_config(path: str | Path) -> dict[str, Any]:
+    """The config.json of the run folder an adapter sits in; {} for adapters from elsewhere (uploads, blends)."""
+    try:
+        cfg = json.loads((Path(path).parent / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}

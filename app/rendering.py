@@ -22,7 +22,8 @@ class _Cached:
 class RenderMixin:
     """Cached renderers. State: ``_renderers`` (base model -> _Cached), ``_renderer_factory`` (None = the
     trainer's Renderer), ``_render_lock`` (one render at a time), ``model_loads`` (models loaded so far),
-    ``default_model`` and ``outputs`` (blends go to outputs/_blends); ``_adapter`` (ExportMixin) checks paths."""
+    ``default_model`` and ``outputs`` (blends go to outputs/_blends); ``_adapter`` (ExportMixin) checks paths
+    and ``adapter_text_encoding`` (ExportMixin) reads a run's clip skip and token length."""
 
     _renderers: dict[str, _Cached]
     _renderer_factory: Callable[[str], Any] | None
@@ -45,13 +46,16 @@ class RenderMixin:
 
     def render(self, model: str, loras: dict[str, float], prompt: str, negative_prompt: str = "",
                seed: int = 0, steps: int = 20, guidance: float = 7.0, size: int | None = None):
-        """One image (PIL) with each adapter at its weight; a changed adapter file is re-attached."""
+        """One image (PIL) with each adapter at its weight; a changed adapter file is re-attached. The prompt
+        is encoded as the first adapter's run encoded its captions (clip skip, token length)."""
         from trainer.render.generate import RenderSettings
 
         if not str(prompt).strip():
             raise TrainerError("The prompt is empty; describe the image to render.", field="prompt")
+        text = self.adapter_text_encoding(next(iter(loras))) if loras else {}
         settings = RenderSettings(prompt=prompt, negative_prompt=negative_prompt or "", seed=int(seed),
-                                  steps=int(steps), guidance=float(guidance), size=int(size) if size else None)
+                                  steps=int(steps), guidance=float(guidance), size=int(size) if size else None,
+                                  **text)
         with self._render_lock:
             cached = self._renderer(model)
             for path in loras:

@@ -79,7 +79,33 @@ def _report_html(service: Service, run: str, trigger: str = "", resolution: int 
     warns = "".join(notice(w, "warn") for w in r.get("warnings", []))
     ok = notice("No problems found: ready to train.", "ok") if not r.get("warnings") else ""
     return (f'<div class="report"><div class="report-title">Dataset report</div>{chips}{sizes}</div>'
-            f"{warns}{ok}")
+            f"{_buckets_html(r)}{warns}{ok}")
+
+
+def _buckets_html(r: dict) -> str:
+    """The report's bucket row: one chip per bucket (a small box of its shape, its size, how many images train
+    at it), portrait to landscape, then the mean aspect error with what it means on hover."""
+    table = r.get("buckets") or {}
+    buckets = list(table.get("buckets", {}).values())
+    if not buckets:
+        return ""
+    repeats = r.get("num_samples", r["num_images"]) != r["num_images"]   # kohya folder repeats count each copy
+    longest = max(max(b["resolution"]) for b in buckets)
+    chips = ""
+    for b in buckets:
+        w, h = b["resolution"]
+        unit = "per epoch" if repeats else "image" if b["count"] == 1 else "images"
+        box = (f'<span style="display:inline-block;width:{18 * w / longest:.0f}px;height:{18 * h / longest:.0f}px;'
+               'border:1.5px solid currentColor;border-radius:2px;vertical-align:middle;margin-right:6px"></span>')
+        chips += (f'<span class="stat" title="{b["count"]} {unit} train as {w}×{h} px (width × height)">{box}'
+                  f'<b>{w}×{h}</b> · {b["count"]} {unit}</span>')
+    meaning = ("The average difference between each image's width/height ratio and its bucket's; that much is "
+               "cropped off. 0 = every image fits its bucket exactly.")
+    error = (f'<span class="stat" title="{html.escape(meaning)}">mean aspect error '
+             f'<b>{table.get("mean_img_ar_error", 0.0):.3f}</b></span>')
+    return (f'<div class="report buckets"><div class="report-title">Buckets (training sizes at {r["resolution"]} px)'
+            '</div>'
+            f"{chips}{error}</div>")
 
 
 def build(service: Service, run: gr.Dropdown) -> DatasetTab:

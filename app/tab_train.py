@@ -18,6 +18,14 @@ ESSENTIALS = ("rank", "alpha", "learning_rate", "text_encoder_lr", "max_train_st
               "resolution", "seed")
 MODEL_SOURCES = ("Built-in demo model", "Local file or folder", "Hugging Face hub id")
 CHART_POINTS = 400
+# The chart's series, their legend names and colours: the noisy per-step loss light, its trend dark, and the
+# held-out loss in a contrasting hue (blue/orange stay apart for colour-blind eyes too).
+TRAIN_SERIES, AVG_SERIES, VAL_SERIES = "training loss", "running average", "validation loss"
+SERIES_COLOURS = {TRAIN_SERIES: "#a5b4fc", AVG_SERIES: "#3730a3", VAL_SERIES: "#ea580c"}
+CHART_HELP = ("The training loss jumps from step to step (each step draws its own noise); its running average "
+              "shows the trend. The validation loss is measured now and then on held-out images at fixed noise "
+              "(Advanced settings → Validation split), so its line starts at the second measurement: if it climbs "
+              "while the training loss keeps falling, the LoRA is memorising its images; train fewer steps.")
 
 
 @dataclass
@@ -130,6 +138,9 @@ def progress_html(s: JobSnapshot) -> str:
              "stopping": "Stopping after this step, then saving…", "finished": "Finished",
              "stopped": "Stopped early (adapter saved)", "failed": "Failed"}[s.state]
     loss = f"loss <b>{s.loss:.4f}</b> (avg {s.avg_loss:.4f})" if s.loss is not None else "loss –"
+    if s.validation:
+        step, value = s.validation[-1]
+        loss += f" · validation <b>{value:.4f}</b> " + (f"at step {step}" if step else "before training")
     speed = f"<b>{s.it_per_s:.2f}</b> it/s" if s.it_per_s else "– it/s"
     eta = f"ETA <b>{fmt_seconds(s.eta_s)}</b>" if s.active else f"took {fmt_seconds(s.seconds)}"
     parts = [f'<div class="progress-card state-{s.state}" data-state="{s.state}" data-step="{s.step}">',
@@ -148,7 +159,7 @@ def progress_html(s: JobSnapshot) -> str:
 def loss_frame(s: JobSnapshot) -> pd.DataFrame | None:
     """The chart's data: loss and its running average per step, and the validation loss when the run has
     held-out images (None before the first step: Gradio's LinePlot keeps an empty colour legend forever when
-    its first frame has no rows)."""
+    its first frame has no rows). Series are named as the legend shows them (``SERIES_COLOURS``)."""
     hist = s.history
     if not hist:
         return None
@@ -159,7 +170,7 @@ def loss_frame(s: JobSnapshot) -> pd.DataFrame | None:
     return pd.DataFrame({
         "step": pd.Series([h[0] for h in hist] * 2 + [v[0] for v in val], dtype="int64"),
         "loss": pd.Series([h[1] for h in hist] + [h[2] for h in hist] + [v[1] for v in val], dtype="float64"),
-        "series": pd.Series(["loss"] * len(hist) + ["running average"] * len(hist) + ["validation"] * len(val),
+        "series": pd.Series([TRAIN_SERIES] * len(hist) + [AVG_SERIES] * len(hist) + [VAL_SERIES] * len(val),
                             dtype="str")})
 
 
@@ -269,8 +280,12 @@ def _run_panel() -> _Panel:
     form_notice = gr.HTML(elem_id="train-notice")
     progress = gr.HTML(progress_html(JobSnapshot()), elem_id="train-progress")
     with gr.Row(equal_height=True):
-        chart = gr.LinePlot(None, x="step", y="loss", color="series", color_title="", label="Loss",
-                            elem_id="loss-plot", x_title="step", y_title="loss", scale=3)
+        with gr.Column(scale=3):
+            chart = gr.LinePlot(None, x="step", y="loss", color="series", color_title="", label="Loss",
+                                color_map=SERIES_COLOURS, elem_id="loss-plot", x_title="step", y_title="loss")
+            # below the chart, not its caption: Gradio draws a LinePlot caption under the next block
+            gr.HTML(f'<div style="font-size:0.85em;color:var(--body-text-color-subdued)">'
+                    f"{html.escape(CHART_HELP)}</div>", elem_id="loss-help")
         samples = gr.Gallery(label="Samples during training", columns=3, height=280, elem_id="train-samples",
                              scale=2)
     log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")

@@ -1,5 +1,6 @@
-"""End to end in headless Chromium: dataset upload and caption edit, the tag shuffle preview, training to
-the end and a stopped run, preview at strengths 0 and 1, blending, and downloading the export. Screenshots
+"""End to end in headless Chromium: dataset upload and caption edit (with the report's buckets), the tag shuffle
+preview, training to the end and a stopped run, preview at strengths 0 and 1, blending, downloading the export,
+and a run with held-out images drawing its validation loss in the chart. Screenshots
 of each step go to ``screenshots/`` (git-ignored). The tests share one app and one page and run in file order.
 """
 from __future__ import annotations
@@ -195,6 +196,8 @@ def test_dataset_upload_and_caption_edit(app, page):
     page.wait_for_selector(f"text={app.n_images} images.", timeout=90_000)
     page.wait_for_selector("#dataset-report .report")
     assert f"{app.n_images} images" in page.inner_text("#dataset-report")
+    buckets = page.inner_text("#dataset-report .buckets")   # square images at the built-in model's 64 px
+    assert f"64×64 · {app.n_images} images" in buckets and "mean aspect error 0.000" in buckets, buckets
 
     box = page.locator(".caption-box textarea").first
     box.fill("zkw, a disc edited in the browser")
@@ -359,3 +362,46 @@ def test_export_download_is_a_valid_adapter(app, page):
     assert lora.metadata["ss_network_dim"] == "4" and lora.metadata["ss_network_module"] == "networks.lora"
     shot(page, "08-export")
     assert page.external == [], f"the page reached outside localhost: {page.external[:5]}"
+
+
+def test_validation_loss_is_drawn_beside_the_training_loss(app, page):
+    page.reload()
+    wait_loaded(page)
+    set_run(page, "e2e-val")
+    fill(page, "dataset-folder", str(app.data))
+    page.click("#import-btn")
+    page.wait_for_selector(f"text={app.n_images} images.", timeout=90_000)
+    tab(page, "2. Train")
+    choose(page, "preset", "e2e")
+    page.wait_for_function("document.querySelector('#field-max_train_steps input').value === '12'")
+    fill(page, "field-max_train_steps", 8)
+    fill(page, "field-sample_every_n_steps", 0)
+    page.click("#advanced .label-wrap")
+    fill(page, "field-validation_split", 2)          # two held-out images, as a person types it
+    fill(page, "field-validate_every_n_steps", 4)
+    page.click("#advanced .label-wrap")
+    page.click("#start-btn")
+    wait_state(page, ("finished",))
+    measured = app.service.jobs.snapshot().validation
+    assert len(measured) >= 3, f"the run measured too few validation losses to draw a line: {measured}"
+
+    # The chart is Vega SVG: each datum has a (hover) point whose aria-label names its step, loss and series.
+    points = "#loss-plot [aria-roledescription=point][aria-label*='series: validation loss']"
+    page.wait_for_function("([sel, n]) => document.querySelectorAll(sel).length === n", arg=[points, len(measured)])
+    drawn = []
+    for text in page.locator(points).evaluate_all("els => els.map(e => e.getAttribute('aria-label'))"):
+        fields = dict(part.split(": ", 1) for part in text.split("; "))
+        drawn.append((int(fields["step"]), float(fields["loss"])))
+    assert [s for s, _ in drawn] == [s for s, _ in measured]
+    assert [v for _, v in drawn] == pytest.approx([v for _, v in measured], rel=1e-6)
+
+    lines = page.locator("#loss-plot [aria-roledescription='line mark']")
+    strokes = {label.split("series: ")[1]: stroke for label, stroke in lines.evaluate_all(
+        "els => els.map(e => [e.getAttribute('aria-label'), e.getAttribute('stroke')])")}
+    assert set(strokes) == {"training loss", "running average", "validation loss"}
+    assert len(set(strokes.values())) == 3, f"two series share a colour: {strokes}"
+    legend = page.locator("#loss-plot .role-legend-label text").all_text_contents()
+    assert legend == ["training loss", "running average", "validation loss"]
+    step, value = measured[-1]
+    assert step > 0 and f"validation {value:.4f} at step {step}" in page.inner_text("#train-progress")
+    shot(page, "09-validation")

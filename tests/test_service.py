@@ -182,10 +182,11 @@ def test_start_training_needs_images_and_refuses_a_second_run(tmp_path):
 # --- rendering (fake renderer) ---------------------------------------------------------------
 class FakeRenderer:
     def __init__(self, model):
-        self.model, self.calls, self.detached = model, [], []
+        self.model, self.calls, self.detached, self.settings = model, [], [], []
 
     def render(self, settings, loras):
         self.calls.append((settings.seed, dict(loras)))
+        self.settings.append(settings)
         return Image.new("RGB", (8, 8), (int(50 * sum(loras.values())) % 256, 0, 0))
 
     def detach(self, path):
@@ -220,6 +221,29 @@ def test_a_rewritten_adapter_is_reattached(tmp_path):
     os.utime(lora, (later, later))
     svc.render("builtin", {str(lora): 1.0}, prompt="p")
     assert svc._renderers["builtin"].renderer.detached == [str(lora)]
+
+
+def test_preview_encodes_prompts_as_the_first_adapters_run_did(tmp_path):
+    svc = Service(tmp_path / "out", renderer_factory=FakeRenderer)
+    adapters = {}
+    for run, text in (("long", {"clip_skip": 2, "max_token_length": 150}), ("plain", {})):
+        (svc.outputs / run).mkdir(parents=True)
+        TrainConfig(output_dir=str(svc.outputs / run), **text).save(svc.outputs / run / "config.json")
+        adapters[run] = svc.outputs / run / "lora.safetensors"
+        adapters[run].write_bytes(b"x")
+    uploaded = svc.outputs / "_imported" / "other.safetensors"    # no run folder: the defaults
+    uploaded.parent.mkdir()
+    uploaded.write_bytes(b"x")
+    long, plain = str(adapters["long"]), str(adapters["plain"])
+
+    svc.compare("builtin", long, 1.0, prompt="p")                  # the base image too: only the adapter differs
+    svc.sweep("builtin", long, [0.5], prompt="p")
+    svc.render("builtin", {long: 0.5, plain: 0.5}, prompt="p")     # a blend: the first adapter's run decides
+    svc.render("builtin", {plain: 0.5, long: 0.5}, prompt="p")
+    svc.render("builtin", {str(uploaded): 1.0}, prompt="p")
+    svc.render("builtin", {}, prompt="p")
+    seen = [(s.clip_skip, s.max_token_length) for s in svc._renderers["builtin"].renderer.settings]
+    assert seen == [(2, 150)] * 4 + [(0, 75)] * 3
 
 
 def test_adapter_list_skips_datasets_and_diffusers_copies(service):
