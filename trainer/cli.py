@@ -20,7 +20,7 @@ TRAIN_FLAGS = {
     "epochs": "epochs", "lr": "learning_rate", "batch_size": "batch_size",
     "mixed_precision": "mixed_precision", "text_encoder_lr": "text_encoder_lr",
     "projector_rank": "projector_rank", "projector_alpha": "projector_alpha", "projector_lr": "projector_lr",
-    "cache_dir": "cache_dir",
+    "cache_dir": "cache_dir", "checkpoint_every": "checkpoint_every_n_steps", "keep_checkpoints": "keep_checkpoints",
 }
 # switch flag -> (TrainConfig field, value it sets); an absent switch leaves the preset/config value
 TRAIN_SWITCHES = {"train_text_encoder": ("train_text_encoder", True), "train_projectors": ("train_projector", True),
@@ -34,8 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a LoRA on a folder of images with .txt captions")
-    t.add_argument("--data", required=True, help="folder of images with same-stem .txt captions")
-    t.add_argument("--out", required=True, help="run folder: adapter, config.json, samples")
+    t.add_argument("--data", help="folder of images with same-stem .txt captions (required unless --resume)")
+    t.add_argument("--out", help="run folder: adapter, config.json, samples, checkpoints (required unless --resume)")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run from its newest complete checkpoint (its config.json is the base)")
+    t.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="training-state checkpoint every N steps (default 250; quick preset 100)")
+    t.add_argument("--keep-checkpoints", type=int, metavar="K", help="newest checkpoints kept (default 2)")
     t.add_argument("--model", help="'builtin' (default), a diffusers folder, a .safetensors/.ckpt, or a hub id")
     t.add_argument("--preset", help="preset name (see `presets`) or a preset file")
     t.add_argument("--config", help="a saved config.json to start from (e.g. from an earlier run)")
@@ -108,6 +113,15 @@ def config_from_args(args: argparse.Namespace):
     import json
 
     base = None
+    if args.resume and not args.config:
+        saved = Path(args.resume) / "config.json"
+        if not saved.is_file():
+            raise TrainerError(f"--resume {args.resume}: no config.json there; give the run folder of an earlier "
+                               "run (the --out it was trained with).", field="resume")
+        args.config = str(saved)
+        args.out = args.out or args.resume
+    if not args.data and not args.config or not args.out:
+        raise TrainerError("train needs --data DIR and --out DIR (or --resume RUN_DIR).", field="data_dir")
     if args.config:
         try:
             base = from_dict(json.loads(Path(args.config).read_text(encoding="utf-8")))
@@ -128,25 +142,37 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .events import Control
-    from .loop.train import train
     from .console import ConsoleProgress
+    from .events import Finished
+    from .loop.records import FileControl
+    from .loop.train import train
 
     config = config_from_args(args)
-    control = Control()
+    control = FileControl(config.output_dir)
+    caught: list[int] = []
 
-    def on_sigint(signum, frame):  # first Ctrl-C: stop and save; second: abort
-        if control.stop_requested:
+    def on_signal(signum, frame):  # Ctrl-C / SIGTERM: checkpoint and save; a second Ctrl-C aborts
+        if control.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        print("\nstopping after this step and saving the adapter (Ctrl-C again to abort)", file=sys.stderr)
+        caught.append(signum)
+        print(f"\n{signal.Signals(signum).name}: stopping after this step, writing a checkpoint and the adapter",
+              file=sys.stderr)
         control.stop()
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    finished: list[Finished] = []
     try:
         with ConsoleProgress(quiet=args.quiet) as progress:
-            path = train(config, listeners=[progress], control=control)
+            path = train(config, listeners=[progress, lambda e: finished.append(e) if isinstance(e, Finished)
+                                            else None], control=control, resume=args.resume)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught and finished and finished[-1].stopped_early:
+        print(f"interrupted at step {finished[-1].steps}; continue with: python -m trainer train --resume "
+              f"{config.output_dir}", file=sys.stderr)
+        print(path)
+        return 128 + caught[0]
     print(path)
     return 0
 

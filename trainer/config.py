@@ -98,6 +98,9 @@ class TrainConfig:
     output_dir: str = _output("outputs", "the run folder: adapter, config, samples, checkpoints")
     name: str = _output("lora", "file stem of the exported adapter")
     save_every_n_steps: int = _output(0, "intermediate adapters (0 = only at the end)")
+    checkpoint_every_n_steps: int = _output(
+        250, "training-state checkpoints to resume from after any stop or crash (0 = only when stopped)")
+    keep_checkpoints: int = _output(2, "newest checkpoints kept; older ones are deleted once a new one is complete")
     export_diffusers: bool = _output(False, "also write a diffusers/PEFT-format copy")
     export_portable: bool = _output(False, "also write <name>-portable.safetensors without projector modules")
 
@@ -191,7 +194,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "repeats", "sample_steps"):
             if getattr(self, name) < 1:
                 e[name] = f"{getattr(self, name)} must be 1 or more."
-        for name in ("max_train_steps", "lr_warmup_steps", "save_every_n_steps", "sample_every_n_steps"):
+        if self.keep_checkpoints < 1:
+            e["keep_checkpoints"] = f"{self.keep_checkpoints} must be 1 or more; 2 is a good choice."
+        for name in ("max_train_steps", "lr_warmup_steps", "save_every_n_steps", "sample_every_n_steps",
+                     "checkpoint_every_n_steps"):
             if getattr(self, name) < 0:
                 e[name] = f"{getattr(self, name)} must be 0 or more."
         if not (0 <= self.caption_dropout < 1):

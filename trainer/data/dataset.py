@@ -168,12 +168,17 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, dataset: LoraDataset, batch_size: int, seed: int = 0):
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self._skip = 0
         self.groups: dict[tuple[int, int], list[int]] = {}
         for index in range(len(dataset)):
             self.groups.setdefault(dataset.bucket_of(index), []).append(index)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def skip_next(self, batches: int) -> None:
+        """The next pass starts after its first ``batches`` batches (a resumed epoch); later passes are whole."""
+        self._skip = batches
 
     def __len__(self) -> int:
         return sum(math.ceil(len(g) / self.batch_size) for g in self.groups.values())
@@ -186,7 +191,8 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             rng.shuffle(indices)
             batches += [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         rng.shuffle(batches)
-        return iter(batches)
+        skip, self._skip = self._skip, 0
+        return iter(batches[skip:])
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:

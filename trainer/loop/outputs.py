@@ -3,10 +3,9 @@ the best-effort save after a failure, and sample images.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -37,11 +36,9 @@ class Run:
     data: DataPipe | None = None          # set once the data is built (its buckets go in the metadata)
     held_out: DatasetReport | None = None  # validation images, when the config asks for a validation loss
     reg: DatasetReport | None = None       # regularisation images, when reg_data_dir is set
+    resume: Any = None                     # the state.Checkpoint a resumed run continues from
+    position: int = 0                      # micro-batches of the current epoch already trained
 
-    def log_row(self, **row) -> None:
-        """Append one JSON line to the run's log (``log.jsonl``: step losses and validation losses)."""
-        with (self.run_dir / "log.jsonl").open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
 
 
 

@@ -21,6 +21,8 @@ from ..events import Control, Event, Failed, Finished, Listener, Log, Progress, 
 from ..models.loader import BaseModel, load_base_model
 from .loss import diffusion_loss
 from .outputs import Run, render_samples, save, save_interrupted
+from .records import RunRecord, TensorBoardLog
+from .state import Checkpoint, find_checkpoint, load_checkpoint, resume_changes, save_checkpoint
 from .prepare import Parts, make_optimizer, prepare
 from .validation import every_n_steps, split_report
 
@@ -28,14 +30,21 @@ __all__ = ["train", "diffusion_loss", "make_optimizer"]
 
 
 def train(config: TrainConfig, *, listeners: Iterable[Listener] = (), control: Control | None = None,
-          base: BaseModel | None = None) -> Path:
+          base: BaseModel | None = None, resume: str | Path | None = None) -> Path:
     """Train a LoRA as ``config`` says and return the path of the exported adapter.
 
-    ``base`` lets a caller reuse an already loaded model (it is modified in place: LoRA layers
-    are injected). Raises TrainerError for bad input; emits Failed before any raise.
+    ``base`` lets a caller reuse an already loaded model (it is modified in place: LoRA layers are injected).
+    ``resume``: a run folder (its newest complete checkpoint) or a checkpoint folder to continue from.
+    Every event also goes to ``<output_dir>/events.jsonl`` and ``status.json``. Raises TrainerError for bad
+    input; emits Failed before any raise.
     """
-    listeners = list(listeners)
     control = control or Control()
+    config.check()
+    record = RunRecord(config.output_dir, append=resume is not None)
+    listeners = [record, *listeners]
+    tensorboard, note = TensorBoardLog.create(config.output_dir)
+    if tensorboard is not None:
+        listeners.append(tensorboard)
 
     def emit(event: Event) -> None:
         for listener in listeners:
@@ -43,8 +52,8 @@ def train(config: TrainConfig, *, listeners: Iterable[Listener] = (), control: C
 
     run: Run | None = None
     try:
-        config.check()
-        run = _setup(config, base, emit)
+        emit(Log(note))
+        run = _setup(config, base, emit, resume)
         return _loop(run, control)
     except TrainerError as err:
         emit(Failed(message=str(err), step=run.step if run else 0))
@@ -55,9 +64,14 @@ def train(config: TrainConfig, *, listeners: Iterable[Listener] = (), control: C
         note = f" The adapter so far was saved to {saved}." if saved else ""
         emit(Failed(message=f"Training failed at step {step}: {type(err).__name__}: {err}.{note}", step=step))
         raise
+    finally:
+        record.close()
+        if tensorboard is not None:
+            tensorboard.close()
 
 
-def _setup(config: TrainConfig, base: BaseModel | None, emit: Callable[[Event], None]) -> Run:
+def _setup(config: TrainConfig, base: BaseModel | None, emit: Callable[[Event], None],
+           resume: str | Path | None) -> Run:
     # The dataset is checked before the (slow) model load so its errors come first.
     report = scan_dataset(config.data_dir, trigger_word=config.trigger_word, resolution=config.resolution or 512,
                           caption_extension=config.caption_extension)
@@ -70,6 +84,7 @@ def _setup(config: TrainConfig, base: BaseModel | None, emit: Callable[[Event], 
                               caption_extension=config.caption_extension)
     for warning in report.warnings:
         emit(Log(f"dataset: {warning}"))
+    checkpoint = _find_resume(config, resume, emit) if resume is not None else None
     report, held_out = split_report(report, config)
     reg = scan_regularisation(config)
     if held_out is not None:
@@ -77,27 +92,64 @@ def _setup(config: TrainConfig, base: BaseModel | None, emit: Callable[[Event], 
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.json")
-    (run_dir / "log.jsonl").unlink(missing_ok=True)
     return Run(config=config, base=base, run_dir=run_dir, emit=emit, started_at=time.time(), report=report,
-               held_out=held_out, reg=reg)
+               held_out=held_out, reg=reg, resume=checkpoint)
+
+
+def _find_resume(config: TrainConfig, resume: str | Path, emit: Callable[[Event], None]) -> Checkpoint | None:
+    checkpoint, skipped = find_checkpoint(resume)
+    for line in skipped:
+        emit(Log(f"resume: {line}"))
+    if checkpoint is None:
+        emit(Log(f"resume: no complete checkpoint in '{resume}'; starting from step 0"))
+        return None
+    for change in resume_changes(checkpoint.config, config):
+        emit(Log(f"resume: changed since the checkpoint: {change}"))
+    return checkpoint
 
 
 def _loop(run: Run, control: Control) -> Path:
     parts = prepare(run)
+    if run.resume is not None:
+        _restore(run, parts)
     _announce(run, parts)
     t_start = time.perf_counter()
     losses = _train_steps(run, parts, control)
+    stopped = run.step < parts.total
+    if stopped:
+        _checkpoint(run, parts)
+        run.emit(Log(f"stopped at step {run.step} of {parts.total}; continue with: python -m trainer train "
+                     f"--resume {run.run_dir}"))
     path = save(run, final=True)
-    run.emit(Finished(path=str(path), steps=run.step, stopped_early=run.step < parts.total,
+    run.emit(Finished(path=str(path), steps=run.step, stopped_early=stopped,
                       final_loss=losses[-1] if losses else math.nan,
                       seconds=time.perf_counter() - t_start))
     return path
 
 
+def _restore(run: Run, parts: Parts) -> None:
+    ckpt = run.resume
+    load_checkpoint(ckpt, run.base.components(), parts.optimizer, parts.lr_scheduler,
+                    scaler=getattr(parts.accelerator, "scaler", None))
+    run.step, run.epoch, run.position = ckpt.step, ckpt.epoch, ckpt.position
+    if run.position >= len(parts.data.sampler):   # saved on an epoch's last batch: start the next epoch
+        run.epoch, run.position = run.epoch + 1, 0
+    run.emit(Log(f"resumed from {ckpt.path} (step {ckpt.step}, epoch {run.epoch}, batch {run.position} of "
+                 f"the epoch)"))
+
+
+def _checkpoint(run: Run, parts: Parts) -> None:
+    cfg = run.config
+    path = save_checkpoint(run.run_dir, step=run.step, epoch=run.epoch, position=run.position, config=cfg,
+                           components=run.base.components(), optimizer=parts.optimizer,
+                           lr_scheduler=parts.lr_scheduler, scaler=getattr(parts.accelerator, "scaler", None),
+                           keep=cfg.keep_checkpoints)
+    run.emit(Log(f"checkpoint at step {run.step}: {path}"))
+
+
 def _validate(run: Run, parts: Parts) -> None:
     loss = parts.validate()
     run.emit(Validation(step=run.step, loss=loss, images=run.held_out.num_images))
-    run.log_row(step=run.step, validation_loss=loss)
 
 
 def _announce(run: Run, parts: Parts) -> None:
@@ -111,35 +163,37 @@ def _announce(run: Run, parts: Parts) -> None:
 def _train_steps(run: Run, parts: Parts, control: Control) -> deque[float]:
     """Epochs of micro-batches until the step budget or a stop; returns the recent step losses."""
     losses: deque[float] = deque(maxlen=50)
-    step_loss, micro = 0.0, 0
+    step_loss, micro, first_step = 0.0, 0, run.step
     t_start = last_t = time.perf_counter()
     for m in parts.trainable:
         m.train()
     every = every_n_steps(run.config, parts.total)
-    if parts.validate:
+    if parts.validate and run.step == 0:
         _validate(run, parts)
     while run.step < parts.total and not control.stop_requested:
         parts.data.set_epoch(run.epoch)
+        parts.data.sampler.skip_next(run.position)     # a resumed epoch continues where it stopped
         for batch in parts.data.loader:
             step_loss += _micro_step(run, parts, batch)
             micro += 1
+            run.position += 1
             if not parts.accelerator.sync_gradients:
                 continue
             run.step += 1
             losses.append(step_loss / micro)
             now = time.perf_counter()
-            rate = run.step / max(now - t_start, 1e-9)
+            rate = (run.step - first_step) / max(now - t_start, 1e-9)
             run.emit(Progress(step=run.step, total_steps=parts.total, epoch=run.epoch, loss=step_loss / micro,
                               avg_loss=sum(losses) / len(losses), lr=parts.lr_scheduler.get_last_lr()[0],
                               it_per_s=1.0 / max(now - last_t, 1e-9), eta_s=(parts.total - run.step) / rate))
-            run.log_row(step=run.step, loss=step_loss / micro, lr=parts.lr_scheduler.get_last_lr()[0])
             step_loss, micro, last_t = 0.0, 0, now
             if parts.validate and (run.step % every == 0 or run.step >= parts.total or control.stop_requested):
                 _validate(run, parts)
-            _between_steps(run, control, parts.total)
+            _between_steps(run, parts, control)
             if run.step >= parts.total or control.stop_requested:
                 break
-        run.epoch += 1
+        else:
+            run.epoch, run.position = run.epoch + 1, 0
     for m in parts.trainable:
         m.eval()
     return losses
@@ -152,26 +206,37 @@ def _micro_step(run: Run, parts: Parts, batch: dict) -> float:
         loss = diffusion_loss(base, parts.unet, batch, config, base.noise_scheduler, parts.alphas_cumprod,
                               None, parts.weight_dtype, parts.device, text_cache=parts.data.text_cache)
         if not torch.isfinite(loss):
-            raise TrainerError(f"The loss became {loss.item()} at step {run.step + 1}; lower the "
-                               f"learning rate ({config.learning_rate:g}) or use 'bf16' instead "
-                               "of 'fp16'.", field="learning_rate")
+            raise _non_finite(run, f"the loss became {loss.item()}")
         parts.accelerator.backward(loss)
-        if parts.accelerator.sync_gradients and config.max_grad_norm > 0:
-            parts.accelerator.clip_grad_norm_([p for ps in parts.params.values() for p in ps],
-                                              config.max_grad_norm)
+        if parts.accelerator.sync_gradients:
+            params = [p for ps in parts.params.values() for p in ps]
+            norm = parts.accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+            if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                raise _non_finite(run, f"a gradient became {float(norm)}")
         parts.optimizer.step()
         parts.lr_scheduler.step()
         parts.optimizer.zero_grad(set_to_none=True)
     return loss.item()
 
 
-def _between_steps(run: Run, control: Control, total: int) -> None:
-    """Periodic and requested saves and samples."""
+def _non_finite(run: Run, what: str) -> TrainerError:
+    """The run stops before the bad step touches the weights; checkpoints already written stay."""
     cfg = run.config
+    ckpts = sorted((run.run_dir / "checkpoints").glob("step-*"))
+    kept = f" The last checkpoint, {ckpts[-1].name}, is kept (--resume {run.run_dir})." if ckpts else ""
+    return TrainerError(f"Training stopped at step {run.step + 1}: {what}. Likely causes: a learning rate too high "
+                        f"({cfg.learning_rate:g}; try a third of it), fp16 overflowing (use 'bf16' or 'no'; the VAE "
+                        f"stays fp32 unless bf16 is set), or min_snr_gamma ({cfg.min_snr_gamma:g}) with a "
+                        f"zero-terminal-SNR schedule (set it to 0).{kept}", field="learning_rate")
+
+
+def _between_steps(run: Run, parts: Parts, control: Control) -> None:
+    """Periodic and requested saves, training-state checkpoints and samples."""
+    cfg, total = run.config, parts.total
     if control.take_save() or (cfg.save_every_n_steps and run.step % cfg.save_every_n_steps == 0
                                and run.step < total):
         save(run, final=False)
+    if cfg.checkpoint_every_n_steps and run.step % cfg.checkpoint_every_n_steps == 0 and run.step < total:
+        _checkpoint(run, parts)
     if control.take_sample() or (cfg.sample_every_n_steps and run.step % cfg.sample_every_n_steps == 0):
         render_samples(run)
-
-
