@@ -177,3 +177,15 @@ def test_time_ids_reach_the_unet(tmp_path, monkeypatch):
                         None, torch.float32, torch.device("cpu"))
     assert torch.equal(seen[0], batch["time_ids"])
     assert seen[0][0, :2].tolist() == [40.0, 128.0]             # image 1 is 128 wide, 40 high
+
+
+def test_size_warning_follows_the_buckets(tmp_path):
+    """96x56 is 'smaller than 64 px on the short side' but trains in an 80x48 bucket without enlarging."""
+    report = mixed(tmp_path)
+    assert any("smaller than 64 px on the short side" in w for w in report.warnings)
+    Image.new("RGB", (30, 30), (1, 2, 3)).save(tmp_path / "tiny.png")      # smaller than any bucket
+    report = add_bucket_table(scan_dataset(tmp_path, resolution=64), bucket_spec(64, multiple=16))
+    assert report.small == ["tiny.png"]
+    assert not any("on the short side" in w for w in report.warnings)
+    assert any(w.startswith("1 image(s) are smaller than the bucket they train in") and "tiny.png (30x30)" in w
+               for w in report.warnings)

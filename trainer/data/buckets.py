@@ -115,9 +115,20 @@ def bucket_table(placements: list[Placement], repeats: list[int] | None = None) 
 def add_bucket_table(report, spec: BucketSpec):
     """Fill a ``DatasetReport``'s ``buckets`` with where each image would train (counts include folder
     repeats); returns the report."""
+    from .scan import small_warning   # scan imports nothing from here; kept local to stay one-way at import
+
     sizes = bucket_sizes(spec)
-    placements = [place(i.width, i.height, spec, sizes) for i in report.items if i.width and i.height]
-    report.buckets = bucket_table(placements, [i.repeats for i in report.items if i.width and i.height])
+    sized = [i for i in report.items if i.width and i.height]
+    placements = [place(i.width, i.height, spec, sizes) for i in sized]
+    old = small_warning(report) if report.small else None
+    report.buckets = bucket_table(placements, [i.repeats for i in sized])
+    root = report.data_dir
+    report.small = [i.path.relative_to(root).as_posix() if i.path.is_relative_to(root) else i.path.name
+                    for i, p in zip(sized, placements) if p.resized[0] > i.width or p.resized[1] > i.height]
+    warnings = [w for w in report.warnings if w != old]
+    if report.small:
+        warnings.append(small_warning(report))
+    report.warnings = warnings
     return report
 
 

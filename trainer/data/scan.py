@@ -193,6 +193,18 @@ def scan_dataset(data_dir: str | Path, *, trigger_word: str = "", resolution: in
     return report
 
 
+def small_warning(r: DatasetReport) -> str:
+    """The warning for ``r.small``: against the square resolution, or against each image's bucket once
+    ``r.buckets`` is filled (``buckets.add_bucket_table``)."""
+    sizes = {_rel(i.path, r.data_dir): f"{i.width}x{i.height}" for i in r.items}
+    listed = _names([f"{s} ({sizes.get(s, '?')})" for s in r.small])
+    if r.buckets:
+        return (f"{len(r.small)} image(s) are smaller than the bucket they train in and will be upscaled (softer "
+                f"results): {listed}; use larger originals, a lower resolution, or bucket_no_upscale.")
+    return (f"{len(r.small)} image(s) are smaller than {r.resolution} px on the short side and will be upscaled "
+            f"(softer results): {listed}; use larger originals or a lower resolution.")
+
+
 def _check_folder(data_dir: str | Path) -> Path:
     if not str(data_dir).strip():
         raise TrainerError("No dataset folder is set; choose the folder that holds your images.",
@@ -360,10 +372,7 @@ def _warnings(r: DatasetReport, notes: list[str], multi_line: list[str], others:
                  f"will train on an empty caption: {_names(missing['empty'])}; add captions or set a "
                  "trigger word.")
     if r.small:
-        sizes = {_rel(i.path, r.data_dir): f"{i.width}x{i.height}" for i in r.items}
-        w.append(f"{len(r.small)} image(s) are smaller than {r.resolution} px on the short side and will "
-                 f"be upscaled (softer results): {_names([f'{s} ({sizes[s]})' for s in r.small])}; use "
-                 "larger originals or a lower resolution.")
+        w.append(small_warning(r))
     if r.duplicates:
         w.append(f"{len(r.duplicates)} duplicate image(s) (same pixels): "
                  + _names([f"{a} = {b}" for a, b in r.duplicates])

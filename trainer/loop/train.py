@@ -14,7 +14,8 @@ from typing import Callable, Iterable
 import torch
 
 from ..config import TrainConfig
-from ..data.pipeline import scan_regularisation
+from ..data.buckets import add_bucket_table
+from ..data.pipeline import buckets_for, model_multiple, scan_regularisation
 from ..data.scan import scan_dataset
 from ..errors import TrainerError
 from ..events import Control, Event, Failed, Finished, Listener, Log, Progress, Started, Validation
@@ -82,6 +83,9 @@ def _setup(config: TrainConfig, base: BaseModel | None, emit: Callable[[Event], 
         config = config.replace(resolution=base.resolution)
         report = scan_dataset(config.data_dir, trigger_word=config.trigger_word, resolution=config.resolution,
                               caption_extension=config.caption_extension)
+    spec = buckets_for(config, model_multiple(base.unet, base.vae))
+    if spec is not None:
+        add_bucket_table(report, spec)      # size warnings against each image's bucket
     for warning in report.warnings:
         emit(Log(f"dataset: {warning}"))
     checkpoint = _find_resume(config, resume, emit) if resume is not None else None
