@@ -158,7 +158,7 @@ def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_checkpoints(tmp_path,
 
     monkeypatch.setattr(loop, "diffusion_loss", poisoned)
     events = []
-    config = quick_config(tmp_path, max_train_steps=10, checkpoint_every_n_steps=2)
+    config = quick_config(tmp_path, max_train_steps=10, checkpoint_every_n_steps=2, min_snr_gamma=5.0)
     with pytest.raises(TrainerError, match=r"Training stopped at step 5: the loss became nan.*learning rate.*"
                                            r"bf16.*min_snr_gamma.*step-000004, is kept"):
         train(config, base=tiny_base(), listeners=[events.append])

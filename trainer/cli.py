@@ -143,12 +143,14 @@ def config_from_args(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .console import ConsoleProgress
-    from .events import Finished
+    from .events import Control, Finished
+    from .loop import distributed
     from .loop.records import FileControl
     from .loop.train import train
 
     config = config_from_args(args)
-    control = FileControl(config.output_dir)
+    main = distributed.is_main()     # under torchrun / accelerate launch only rank 0 talks and writes
+    control = FileControl(config.output_dir) if main else Control()
     caught: list[int] = []
 
     def on_signal(signum, frame):  # Ctrl-C / SIGTERM: checkpoint and save; a second Ctrl-C aborts
@@ -162,12 +164,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     finished: list[Finished] = []
     try:
-        with ConsoleProgress(quiet=args.quiet) as progress:
+        with ConsoleProgress(quiet=args.quiet or not main, silent=not main) as progress:
             path = train(config, listeners=[progress, lambda e: finished.append(e) if isinstance(e, Finished)
                                             else None], control=control, resume=args.resume)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if not main:
+        return 128 + caught[0] if caught else 0
     if caught and finished and finished[-1].stopped_early:
         print(f"interrupted at step {finished[-1].steps}; continue with: python -m trainer train --resume "
               f"{config.output_dir}", file=sys.stderr)

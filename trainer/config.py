@@ -28,6 +28,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adamw8bit")
 ARCHS = ("auto", "sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 
 
 def _section(name: str):
@@ -101,6 +102,8 @@ class TrainConfig:
     checkpoint_every_n_steps: int = _output(
         250, "training-state checkpoints to resume from after any stop or crash (0 = only when stopped)")
     keep_checkpoints: int = _output(2, "newest checkpoints kept; older ones are deleted once a new one is complete")
+    save_precision: str = _output("fp16", "dtype of the exported adapter's weights (alphas stay fp32)",
+                                  choices=SAVE_PRECISIONS)
     export_diffusers: bool = _output(False, "also write a diffusers/PEFT-format copy")
     export_portable: bool = _output(False, "also write <name>-portable.safetensors without projector modules")
 

@@ -11,8 +11,8 @@ from .events import Event, Failed, Finished, Log, Progress, Sample, Saved, Start
 class ConsoleProgress:
     """A listener for ``train``; use as a context manager so the bar is always closed."""
 
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
+    def __init__(self, quiet: bool = False, silent: bool = False):
+        self.quiet, self.silent = quiet, silent
         self.bar: tqdm | None = None
 
     def __enter__(self) -> "ConsoleProgress":
@@ -26,6 +26,8 @@ class ConsoleProgress:
         (self.bar.write if self.bar is not None else lambda t: print(t, file=sys.stderr))(text)
 
     def __call__(self, event: Event) -> None:
+        if self.silent:
+            return
         if isinstance(event, Started):
             self._say(f"training {event.total_steps} steps on {event.num_images} images, "
                       f"{event.trainable_params:,} trainable parameters -> {event.run_dir}")

@@ -67,13 +67,18 @@ class LatentCache:
                            "crop": [p.crop_left, p.crop_top], "flip": flip, "vae": self.vae_id})
         return hashlib.blake2b(spec.encode(), digest_size=16).hexdigest()
 
-    def fill(self, dataset: LoraDataset, encode: Callable[[torch.Tensor], torch.Tensor]) -> FillStats:
+    def fill(self, dataset: LoraDataset, encode: Callable[[torch.Tensor], torch.Tensor],
+             share: tuple[int, int] = (0, 1)) -> FillStats:
         """Load or compute every entry ``dataset`` needs. ``encode`` maps pixels [B, 3, H, W] in [-1, 1] to
-        moments [B, 2C, h, w]; it is called once per group of up to ENCODE_BATCH same-bucket images."""
+        moments [B, 2C, h, w]; it is called once per group of up to ENCODE_BATCH same-bucket images.
+        ``share`` (rank, processes): only images ``i % processes == rank`` (a process's part of a shared
+        disk cache; fill again without it, after the others finished, to read the rest)."""
         stats = FillStats()
         flips = (False, True) if dataset.random_flip else (False,)
         todo: dict[tuple[int, int], list[tuple[int, bool, str]]] = {}
         for i, item in enumerate(dataset.items):
+            if i % share[1] != share[0]:
+                continue
             file_hash = hashlib.blake2b(Path(item.path).read_bytes(), digest_size=16).hexdigest()
             for flip in flips:
                 key = self.key(dataset, i, flip, file_hash)

@@ -1,5 +1,6 @@
-"""The data side of one run, built from its config: the bucketed dataset, its batch sampler and loader, and
-the latent and text-encoder caches when they are valid (each decision logged with its reason).
+"""The data side of one run, built from its config: the bucketed dataset, its batch sampler and each
+process's share of every batch, and the latent and text-encoder caches when they are valid (each decision
+logged with its reason).
 """
 from __future__ import annotations
 
@@ -21,20 +22,29 @@ from .scan import DatasetReport, scan_dataset
 
 @dataclass
 class DataPipe:
+    """The sampler makes global batches (``batch_size`` x processes, one bucket each); this process trains on
+    its slice of each, so N processes x batch b see exactly what one process x batch N*b sees."""
+
     dataset: LoraDataset
     sampler: BucketBatchSampler
-    loader: torch.utils.data.DataLoader
+    batch_size: int                        # per process
     text_cache: TextCache | None           # None: captions are encoded every step
     buckets: BucketSpec | None
     num_reg_images: int = 0
+    rank: int = 0
+    world: int = 1
 
     def set_epoch(self, epoch: int) -> None:
-        """Seed this epoch's batch order and samples. accelerate's loader re-sets its batch sampler's epoch
-        from its own counter on every pass, so the counter is set through the loader when it has one."""
+        """Seed this epoch's batch order and samples."""
         self.dataset.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
-        if hasattr(self.loader, "set_epoch"):
-            self.loader.set_epoch(epoch)
+
+    def batches(self):
+        """(this process's batch, or None when its slice is empty; the global batch's size) per global batch."""
+        b = self.batch_size
+        for global_batch in self.sampler:
+            local = global_batch[self.rank * b:(self.rank + 1) * b]
+            yield (collate([self.dataset[i] for i in local]) if local else None), len(global_batch)
 
     def metadata(self) -> dict[str, str]:
         """kohya's bucket keys for the exported file."""
@@ -94,7 +104,7 @@ def scan_regularisation(config: TrainConfig) -> DatasetReport | None:
 
 
 def build_data(config: TrainConfig, report: DatasetReport, *, log: Callable[[str], None],
-               multiple: int = 16, reg: DatasetReport | None = None) -> DataPipe:
+               multiple: int = 16, reg: DatasetReport | None = None, rank: int = 0, world: int = 1) -> DataPipe:
     spec = buckets_for(config, multiple)
     check_keep_tokens({str(i.path.name): i.caption for i in report.items}, config.keep_tokens,
                       shuffle_tags=config.shuffle_tags, tag_dropout=config.tag_dropout)
@@ -106,12 +116,11 @@ def build_data(config: TrainConfig, report: DatasetReport, *, log: Callable[[str
     if reg is not None:
         log(f"regularisation: {reg.num_images} image(s), {len(dataset) // 2} sample(s) per epoch beside as many "
             f"training samples, loss weight {config.prior_loss_weight:g}")
-    sampler = BucketBatchSampler(dataset, config.batch_size, seed=config.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+    sampler = BucketBatchSampler(dataset, config.batch_size * world, seed=config.seed)
     if spec is not None:
         table = bucket_table(dataset.placements, [item.repeats for item in dataset.items])
         log("buckets: " + describe_buckets(table))
-    return DataPipe(dataset, sampler, loader, None, spec, reg.num_images if reg else 0)
+    return DataPipe(dataset, sampler, config.batch_size, None, spec, reg.num_images if reg else 0, rank, world)
 
 
 def describe_buckets(table: dict) -> str:
@@ -121,7 +130,8 @@ def describe_buckets(table: dict) -> str:
 
 
 def attach_latent_cache(pipe: DataPipe, config: TrainConfig, vae: torch.nn.Module, *, device, base_name: str,
-                        run_dir: Path, log: Callable[[str], None]) -> bool:
+                        run_dir: Path, log: Callable[[str], None], barrier: Callable[[], None] = lambda: None
+                        ) -> bool:
     """Encode (or reuse) every image's latents and serve them from the cache; False when the cache is off
     or not valid for this config (said in the log)."""
     if not config.cache_latents:
@@ -136,6 +146,9 @@ def attach_latent_cache(pipe: DataPipe, config: TrainConfig, vae: torch.nn.Modul
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         return vae.encode(pixels.to(device, dtype=vae.dtype)).latent_dist.parameters
 
+    if pipe.world > 1 and cache.folder is not None:   # each process encodes its share, then all read the lot
+        cache.fill(pipe.dataset, encode, share=(pipe.rank, pipe.world))
+        barrier()
     stats = cache.fill(pipe.dataset, encode)
     log(stats.line(cache.folder))
     pipe.dataset.use_latents(cache)

@@ -230,6 +230,7 @@ def _hyperparameter_keys(config: TrainConfig, v_pred: bool) -> dict[str, Any]:
         "ss_lr_warmup_steps": config.lr_warmup_steps,
         "ss_optimizer": config.optimizer,
         "ss_mixed_precision": config.mixed_precision,
+        "ss_save_precision": config.save_precision,
         "ss_seed": config.seed,
         "ss_min_snr_gamma": config.min_snr_gamma,
         "ss_noise_offset": config.noise_offset,

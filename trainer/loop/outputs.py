@@ -20,6 +20,8 @@ from ..models.text import prompt_kwargs
 from ..network.lora import groups_from_config
 from . import schedules
 
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
 
 @dataclass
 class Run:
@@ -59,13 +61,14 @@ def save(run: Run, *, final: bool) -> Path:
     metadata = {**run_metadata(run), **projector_metadata(tensors)}
     if cfg.train_projector:  # list the projector modules actually found, not just "asked for"
         metadata[GROUPS_KEY] = groups_json(groups_from_config(cfg, base.components()))
-    path = save_adapter(run.run_dir / f"{stem}.safetensors", tensors, metadata)
+    dtype = SAVE_DTYPES[cfg.save_precision]
+    path = save_adapter(run.run_dir / f"{stem}.safetensors", tensors, metadata, dtype=dtype)
     if final and cfg.export_diffusers:
         save_diffusers_format(run.run_dir / f"{stem}-diffusers.safetensors", base.components())
     if final and cfg.export_portable:
         portable, portable_md = portable_copy(tensors, metadata)
         if portable:
-            save_adapter(run.run_dir / f"{stem}-portable.safetensors", portable, portable_md)
+            save_adapter(run.run_dir / f"{stem}-portable.safetensors", portable, portable_md, dtype=dtype)
         else:
             run.emit(Log("no portable copy written: this adapter has only projector modules"))
     run.emit(Saved(step=run.step, path=str(path), final=final))

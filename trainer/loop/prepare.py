@@ -15,7 +15,7 @@ from ..errors import TrainerError
 from ..events import Log
 from ..models.loader import BaseModel, encode_prompts
 from ..network.lora import cast_frozen, describe_group, groups_from_config, inject
-from . import schedules
+from . import distributed, schedules
 from .outputs import Run
 from .validation import build_validation_set, validation_loss
 
@@ -34,8 +34,15 @@ def make_accelerator(config: TrainConfig):
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainerError("mixed_precision 'fp16' needs a CUDA GPU and none was found; "
                            "use 'bf16' or 'no' on this machine.", field="mixed_precision")
-    return Accelerator(mixed_precision=config.mixed_precision,
-                       gradient_accumulation_steps=config.gradient_accumulation_steps)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps)
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
+        raise TrainerError(f"accelerate is configured for {kind}, which this trainer does not use: the LoRA weights "
+                           "are small, so every process keeps the whole (frozen) model and the loop sums the LoRA "
+                           "gradients itself, as DDP does. Run `accelerate config` and choose multi-GPU (or use "
+                           "examples/accelerate/multi_gpu.yaml).", field="accelerate")
+    return accelerator
 
 
 def make_optimizer(config: TrainConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
@@ -60,19 +67,20 @@ class Parts:
     accelerator: Any
     device: torch.device
     weight_dtype: torch.dtype
-    trainable: list[nn.Module]            # components with LoRA parameters (prepared by accelerate)
+    trainable: list[nn.Module]            # components with LoRA parameters
     params: dict[str, list[nn.Parameter]]  # LoRA parameters by target group
-    unet: nn.Module                       # the UNet as accelerate wrapped it (or the frozen one)
-    data: DataPipe                        # dataset, bucket batch sampler, loader, caches
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: Any
+    unet: nn.Module
+    data: DataPipe                        # dataset, bucket batch sampler, this process's batches, caches
+    optimizer: torch.optim.Optimizer      # accelerate's wrapper (mixed-precision scaling)
+    lr_scheduler: Any                     # stepped once per optimizer step, whatever the process count
     alphas_cumprod: torch.Tensor          # the noise schedule's, on ``device``
     validate: Callable[[], float] | None  # the validation loss now (None: no validation images)
     total: int                            # optimizer steps of the whole run
 
 
 def prepare(run: Run) -> Parts:
-    """LoRA injected and cast, data loader, optimizer and LR schedule, all through accelerate."""
+    """LoRA injected and cast, the data, optimizer and LR schedule. Models are not wrapped for DDP: the loop
+    sums the LoRA gradients over processes itself (every trained component alike, text encoders included)."""
     config = run.config
     accelerator = make_accelerator(config)
     device, weight_dtype = accelerator.device, DTYPES[config.mixed_precision]
@@ -85,9 +93,8 @@ def prepare(run: Run) -> Parts:
     optimizer = make_optimizer(config, [{"params": p, "lr": lr_of[n], "name": n} for n, p in params.items()])
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedules.lr_multiplier(
         s, schedule=config.lr_scheduler, warmup=config.lr_warmup_steps, total=total))
-    prepared = accelerator.prepare(*trainable, optimizer, data.loader, lr_scheduler)
-    optimizer, data.loader, lr_scheduler = prepared[-3:]
-    unet = prepared[trainable.index(run.base.unet)] if run.base.unet in trainable else run.base.unet
+    optimizer = accelerator.prepare(optimizer)
+    unet = run.base.unet
     return Parts(accelerator=accelerator, device=device, weight_dtype=weight_dtype, trainable=trainable,
                   params=params, unet=unet, data=data, optimizer=optimizer,
                   lr_scheduler=lr_scheduler,
@@ -99,8 +106,10 @@ def _prepare_data(run: Run, device) -> DataPipe:
     """Buckets, sampler and loader; the latent and text-encoder caches filled when they are valid."""
     config, base = run.config, run.base
     log = lambda line: run.emit(Log(line))  # noqa: E731
-    data = build_data(config, run.report, log=log, multiple=model_multiple(base.unet, base.vae), reg=run.reg)
-    attach_latent_cache(data, config, base.vae, device=device, base_name=base.name, run_dir=run.run_dir, log=log)
+    data = build_data(config, run.report, log=log, multiple=model_multiple(base.unet, base.vae), reg=run.reg,
+                      rank=distributed.rank(), world=distributed.world_size())
+    attach_latent_cache(data, config, base.vae, device=device, base_name=base.name, run_dir=run.run_dir, log=log,
+                        barrier=distributed.barrier)
     attach_text_cache(data, config, lambda captions: encode_prompts(base, captions, size=config.resolution,
                            **config.text_encoding),
                       log=log)
@@ -109,7 +118,7 @@ def _prepare_data(run: Run, device) -> DataPipe:
 
 
 def _validator(run: Run, data: DataPipe, unet, device, weight_dtype) -> Callable[[], float] | None:
-    if run.held_out is None:
+    if run.held_out is None or not distributed.is_main():   # the main process evaluates; the rest train on
         return None
     vset = build_validation_set(run.held_out, run.config, run.base, device, data.buckets)
     return lambda: validation_loss(vset, run.base, unet, run.config, weight_dtype, device)

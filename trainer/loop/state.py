@@ -40,6 +40,7 @@ class Checkpoint:
     epoch: int
     position: int            # micro-batches of ``epoch`` already trained
     config: TrainConfig
+    processes: int = 1       # how many processes trained it (the data order depends on it)
 
 
 def trainable_tensors(components: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
@@ -71,7 +72,7 @@ def _torch_bytes(obj: Any) -> bytes:
 
 def save_checkpoint(run_dir: Path, *, step: int, epoch: int, position: int, config: TrainConfig,
                     components: dict[str, torch.nn.Module], optimizer, lr_scheduler, scaler=None,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, processes: int = 1) -> Path:
     """Write ``step-NNNNNN`` into a temporary folder, then rename it into place (a kill mid-write leaves only
     the temporary folder, which is never read); then prune all but the newest ``keep`` complete ones."""
     root = Path(run_dir) / CHECKPOINTS
@@ -89,7 +90,7 @@ def save_checkpoint(run_dir: Path, *, step: int, epoch: int, position: int, conf
         files["scaler.pt"] = _torch_bytes(scaler.state_dict())
     for name, data in files.items():
         _write_synced(tmp / name, data)
-    state = {"version": STATE_VERSION, "step": step, "epoch": epoch, "position": position,
+    state = {"version": STATE_VERSION, "step": step, "epoch": epoch, "position": position, "processes": processes,
              "files": {name: {"bytes": len(data), "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()}
                        for name, data in files.items()}}
     _write_synced(tmp / STATE_FILE, json.dumps(state, indent=1).encode())   # written last: marks it complete
@@ -161,7 +162,8 @@ def find_checkpoint(path: str | Path) -> tuple[Checkpoint | None, list[str]]:
         if problem is None:
             state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
             config = from_dict(json.loads((folder / "config.json").read_text(encoding="utf-8")))
-            return Checkpoint(folder, state["step"], state["epoch"], state["position"], config), skipped
+            return Checkpoint(folder, state["step"], state["epoch"], state["position"], config,
+                              state.get("processes", 1)), skipped
         skipped.append(f"skipped {folder.name}: {problem}")
     return None, skipped
 

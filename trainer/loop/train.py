@@ -21,6 +21,7 @@ from ..errors import TrainerError
 from ..events import Control, Event, Failed, Finished, Listener, Log, Progress, Started, Validation
 from ..models.loader import BaseModel, load_base_model
 from .loss import diffusion_loss
+from . import distributed
 from .outputs import Run, render_samples, save, save_interrupted
 from .records import RunRecord, TensorBoardLog
 from .state import Checkpoint, find_checkpoint, load_checkpoint, resume_changes, save_checkpoint
@@ -41,9 +42,10 @@ def train(config: TrainConfig, *, listeners: Iterable[Listener] = (), control: C
     """
     control = control or Control()
     config.check()
-    record = RunRecord(config.output_dir, append=resume is not None)
-    listeners = [record, *listeners]
-    tensorboard, note = TensorBoardLog.create(config.output_dir)
+    main = distributed.is_main()         # only the main process writes files and emits events
+    record = RunRecord(config.output_dir, append=resume is not None) if main else None
+    listeners = [record, *listeners] if main else []
+    tensorboard, note = TensorBoardLog.create(config.output_dir) if main else (None, "")
     if tensorboard is not None:
         listeners.append(tensorboard)
 
@@ -66,7 +68,8 @@ def train(config: TrainConfig, *, listeners: Iterable[Listener] = (), control: C
         emit(Failed(message=f"Training failed at step {step}: {type(err).__name__}: {err}.{note}", step=step))
         raise
     finally:
-        record.close()
+        if record is not None:
+            record.close()
         if tensorboard is not None:
             tensorboard.close()
 
@@ -95,7 +98,8 @@ def _setup(config: TrainConfig, base: BaseModel | None, emit: Callable[[Event], 
         emit(Log(f"validation: {held_out.num_images} image(s) held out, {report.num_images} train"))
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.json")
+    if distributed.is_main():
+        config.save(run_dir / "config.json")
     return Run(config=config, base=base, run_dir=run_dir, emit=emit, started_at=time.time(), report=report,
                held_out=held_out, reg=reg, resume=checkpoint)
 
@@ -120,11 +124,11 @@ def _loop(run: Run, control: Control) -> Path:
     t_start = time.perf_counter()
     losses = _train_steps(run, parts, control)
     stopped = run.step < parts.total
-    if stopped:
+    if stopped and distributed.is_main():
         _checkpoint(run, parts)
         run.emit(Log(f"stopped at step {run.step} of {parts.total}; continue with: python -m trainer train "
                      f"--resume {run.run_dir}"))
-    path = save(run, final=True)
+    path = save(run, final=True) if distributed.is_main() else run.run_dir / f"{run.config.name}.safetensors"
     run.emit(Finished(path=str(path), steps=run.step, stopped_early=stopped,
                       final_loss=losses[-1] if losses else math.nan,
                       seconds=time.perf_counter() - t_start))
@@ -133,6 +137,10 @@ def _loop(run: Run, control: Control) -> Path:
 
 def _restore(run: Run, parts: Parts) -> None:
     ckpt = run.resume
+    if ckpt.processes != distributed.world_size():
+        raise TrainerError(f"Cannot resume: {ckpt.path} was written by a run on {ckpt.processes} process(es) and "
+                           f"this one has {distributed.world_size()}; the data order depends on it. Resume with "
+                           f"{ckpt.processes} process(es).", field="resume")
     load_checkpoint(ckpt, run.base.components(), parts.optimizer, parts.lr_scheduler,
                     scaler=getattr(parts.accelerator, "scaler", None))
     run.step, run.epoch, run.position = ckpt.step, ckpt.epoch, ckpt.position
@@ -145,6 +153,7 @@ def _restore(run: Run, parts: Parts) -> None:
 def _checkpoint(run: Run, parts: Parts) -> None:
     cfg = run.config
     path = save_checkpoint(run.run_dir, step=run.step, epoch=run.epoch, position=run.position, config=cfg,
+                           processes=distributed.world_size(),
                            components=run.base.components(), optimizer=parts.optimizer,
                            lr_scheduler=parts.lr_scheduler, scaler=getattr(parts.accelerator, "scaler", None),
                            keep=cfg.keep_checkpoints)
@@ -167,34 +176,39 @@ def _announce(run: Run, parts: Parts) -> None:
 def _train_steps(run: Run, parts: Parts, control: Control) -> deque[float]:
     """Epochs of micro-batches until the step budget or a stop; returns the recent step losses."""
     losses: deque[float] = deque(maxlen=50)
-    step_loss, micro, first_step = 0.0, 0, run.step
+    step_loss, first_step = 0.0, run.step
     t_start = last_t = time.perf_counter()
     for m in parts.trainable:
         m.train()
     every = every_n_steps(run.config, parts.total)
+    accum, per_epoch = run.config.gradient_accumulation_steps, len(parts.data.sampler)
     if parts.validate and run.step == 0:
         _validate(run, parts)
-    while run.step < parts.total and not control.stop_requested:
+    stop = False
+    while run.step < parts.total and not stop:
         parts.data.set_epoch(run.epoch)
         parts.data.sampler.skip_next(run.position)     # a resumed epoch continues where it stopped
-        for batch in parts.data.loader:
-            step_loss += _micro_step(run, parts, batch)
-            micro += 1
+        for batch, global_n in parts.data.batches():
             run.position += 1
-            if not parts.accelerator.sync_gradients:
+            sync = run.position % accum == 0 or run.position == per_epoch
+            step_loss += _micro_step(run, parts, batch, global_n, sync)
+            if not sync:
                 continue
             run.step += 1
-            losses.append(step_loss / micro)
+            loss = step_loss / (accum if run.position % accum == 0 else run.position % accum)
+            losses.append(loss)
             now = time.perf_counter()
             rate = (run.step - first_step) / max(now - t_start, 1e-9)
-            run.emit(Progress(step=run.step, total_steps=parts.total, epoch=run.epoch, loss=step_loss / micro,
+            run.emit(Progress(step=run.step, total_steps=parts.total, epoch=run.epoch, loss=loss,
                               avg_loss=sum(losses) / len(losses), lr=parts.lr_scheduler.get_last_lr()[0],
                               it_per_s=1.0 / max(now - last_t, 1e-9), eta_s=(parts.total - run.step) / rate))
-            step_loss, micro, last_t = 0.0, 0, now
-            if parts.validate and (run.step % every == 0 or run.step >= parts.total or control.stop_requested):
+            step_loss, last_t = 0.0, now
+            stop = distributed.agree(control.stop_requested, parts.device)
+            if parts.validate and (run.step % every == 0 or run.step >= parts.total or stop):
                 _validate(run, parts)
-            _between_steps(run, parts, control)
-            if run.step >= parts.total or control.stop_requested:
+            if distributed.is_main():
+                _between_steps(run, parts, control)
+            if run.step >= parts.total or stop:
                 break
         else:
             run.epoch, run.position = run.epoch + 1, 0
@@ -203,24 +217,33 @@ def _train_steps(run: Run, parts: Parts, control: Control) -> deque[float]:
     return losses
 
 
-def _micro_step(run: Run, parts: Parts, batch: dict) -> float:
-    """Forward and backward of one micro-batch; the optimizer steps when accelerate syncs gradients."""
+def _micro_step(run: Run, parts: Parts, batch: dict | None, global_n: int, sync: bool) -> float:
+    """Forward and backward of this process's share of one global micro-batch (its loss pre-divided by the
+    global batch size); at ``sync`` the gradients are summed over processes and the optimizer steps.
+    Returns the global batch's mean loss."""
     config, base = run.config, run.base
-    with parts.accelerator.accumulate(*parts.trainable):
+    local_sum, finite = 0.0, True
+    if batch is not None:
         loss = diffusion_loss(base, parts.unet, batch, config, base.noise_scheduler, parts.alphas_cumprod,
                               None, parts.weight_dtype, parts.device, text_cache=parts.data.text_cache)
-        if not torch.isfinite(loss):
-            raise _non_finite(run, f"the loss became {loss.item()}")
-        parts.accelerator.backward(loss)
-        if parts.accelerator.sync_gradients:
-            params = [p for ps in parts.params.values() for p in ps]
-            norm = parts.accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
-            if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
-                raise _non_finite(run, f"a gradient became {float(norm)}")
+        local_n = len(batch["captions"])
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            parts.accelerator.backward(loss * (local_n / global_n))
+            local_sum = loss.item() * local_n
+    if distributed.agree(not finite, parts.device):
+        raise _non_finite(run, f"the loss became {loss.item()}" if not finite
+                          else "the loss became non-finite in another process")
+    if sync:
+        params = [p for ps in parts.params.values() for p in ps]
+        distributed.sum_gradients(params)
+        norm = parts.accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+        if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+            raise _non_finite(run, f"a gradient became {float(norm)}")
         parts.optimizer.step()
         parts.lr_scheduler.step()
         parts.optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    return distributed.sum_value(local_sum, parts.device) / global_n
 
 
 def _non_finite(run: Run, what: str) -> TrainerError:
@@ -228,10 +251,11 @@ def _non_finite(run: Run, what: str) -> TrainerError:
     cfg = run.config
     ckpts = sorted((run.run_dir / "checkpoints").glob("step-*"))
     kept = f" The last checkpoint, {ckpts[-1].name}, is kept (--resume {run.run_dir})." if ckpts else ""
+    snr = (f", or min_snr_gamma ({cfg.min_snr_gamma:g}) with a zero-terminal-SNR schedule (set it to 0)"
+           if cfg.min_snr_gamma else "")
     return TrainerError(f"Training stopped at step {run.step + 1}: {what}. Likely causes: a learning rate too high "
                         f"({cfg.learning_rate:g}; try a third of it), fp16 overflowing (use 'bf16' or 'no'; the VAE "
-                        f"stays fp32 unless bf16 is set), or min_snr_gamma ({cfg.min_snr_gamma:g}) with a "
-                        f"zero-terminal-SNR schedule (set it to 0).{kept}", field="learning_rate")
+                        f"stays fp32 unless bf16 is set){snr}.{kept}", field="learning_rate")
 
 
 def _between_steps(run: Run, parts: Parts, control: Control) -> None:
