@@ -69,7 +69,7 @@ def test_unplaceable_keys_are_reported_not_dropped(two_files, tmp_path):
     comps = copy.deepcopy(base)
     missing = apply_adapter(comps, "sd1", path, "odd")
     assert "lora_unet_no_such_module" in missing
-    assert f"{name} (shape mismatch)" in missing
+    assert f"{name} (shape mismatch: file [32, 7] vs model [32, 32])" in missing
     assert "lora_unet_x.dora_scale" in missing
     assert len(lora_modules(comps, "odd")) == len(load_file(pa)) // 3 - 1
 

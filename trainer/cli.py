@@ -1,4 +1,5 @@
-"""Command line: `python -m trainer train|generate|report|presets`.
+"""Command line: `python -m trainer train|generate|report|presets`, and the adapter file tools
+`inspect|blend|resize|bake|convert` (``cli_files``).
 
 Builds a TrainConfig (defaults -> preset -> flags), runs the same core the web UI uses, and
 prints errors as one readable line (no traceback). `train` prints the adapter path last.
@@ -11,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .cli_files import FILE_COMMANDS, add_file_commands
 from .errors import ConfigError, TrainerError
 
 # flag -> TrainConfig field, for the flags the README documents
@@ -105,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extension of the caption files beside the images (default .txt), e.g. .caption")
 
     sub.add_parser("presets", help="list the presets")
+    add_file_commands(sub)
     return parser
 
 
@@ -230,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     # Library chatter (optional-dependency notices) is not for the console; our own events are.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    command = {"train": cmd_train, "generate": cmd_generate, "report": cmd_report, "presets": cmd_presets}
+    command = {"train": cmd_train, "generate": cmd_generate, "report": cmd_report, "presets": cmd_presets,
+               **FILE_COMMANDS}
     try:
         return command[args.command](args)
     except TrainerError as err:

@@ -1,1 +1,2 @@
-"""Adapter files: export (kohya/SGM keys, metadata, hashes), import of other spellings, blending."""
+"""Adapter files: export (kohya/SGM keys, metadata, hashes), reading and placing other tools' spellings, and the
+file tools: inspect, blend (exact or SVD-compacted), resize, bake into a base model, convert kohya <-> PEFT."""

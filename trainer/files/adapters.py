@@ -1,11 +1,9 @@
-"""Reading LoRA files (ours, kohya/A1111, PEFT/diffusers) and applying them to a loaded model as PEFT
-adapters: live strengths (``set_weights``), several at once, removal, and weighted blends of files."""
+"""Reading LoRA files (ours, kohya/A1111, PEFT/diffusers), placing their modules on a model (naming what does not
+fit) and applying them as PEFT adapters: live strengths (``set_weights``), several at once, removal."""
 from __future__ import annotations
 
-import datetime
 import json
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,12 +12,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import TrainerError
-from .export import save_adapter
 from ..network.kohya import kohya_name, module_name_map
 from ..network.lora import delete_adapter, inject_peft, lora_config_for, lora_modules, set_active
 
 _PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-_LYCORIS = ("hada_", "lokr_", "lora_mid", "dora_scale", "diff", "oft_", "w_norm", "b_norm")   # kohya-named parts
+_LYCORIS = ("hada_", "lokr_", "dora_scale", "diff", "oft_", "w_norm", "b_norm")   # kohya-named parts
 
 
 @dataclass
@@ -60,12 +57,17 @@ def _parse_kohya(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict], lis
             parts.setdefault(name, {})["up"] = t
         elif part == "alpha":
             parts.setdefault(name, {})["alpha"] = float(t.float().item())
+        elif part == "lora_mid.weight":     # LoCon's Tucker core, folded into down below
+            parts.setdefault(name, {})["mid"] = t
         else:
             unsupported.append(key)
     modules = {}
     for name, p in parts.items():
         if "down" in p and "up" in p:
-            modules[name] = {"down": p["down"], "up": p["up"], "alpha": p.get("alpha", float(p["down"].shape[0]))}
+            down = p["down"]
+            if "mid" in p:   # down'[i, c, k, l] = sum_j mid[i, j, k, l] down[j, c]
+                down = torch.einsum("ijkl,jc->ickl", p["mid"].float(), down.float().flatten(1)).to(down.dtype)
+            modules[name] = {"down": down, "up": p["up"], "alpha": p.get("alpha", float(p["down"].shape[0]))}
         else:
             unsupported += [f"{name}.{k}" for k in p]
     return modules, unsupported
@@ -145,26 +147,100 @@ def read_lora_file(path: str | Path) -> LoraFile:
                     unsupported=sorted(unsupported), format=fmt)
 
 
-# --- applying -----------------------------------------------------------------------------
-def _fit(down: torch.Tensor, up: torch.Tensor, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Reshape kohya factors to the PEFT shapes of ``base`` (Linear/Conv2d); None when they cannot fit."""
+# --- placing and applying -----------------------------------------------------------------
+def _shape(t: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(int(n)) for n in t) + "]"
+
+
+def shapes_fit(file_shape: tuple[int, ...], model_shape: tuple[int, ...]) -> bool:
+    """True when a file's weight change of ``file_shape`` fits a layer weight of ``model_shape``: same outputs
+    and inputs (a 2-D change fits a conv of as many inputs x kernel, as A1111 and ComfyUI reshape it)."""
+    def numel(t: tuple[int, ...]) -> int:
+        return int(torch.Size(t[1:]).numel())
+    if file_shape[0] != model_shape[0] or numel(file_shape) != numel(model_shape):
+        return False
+    return len(file_shape) <= 2 or len(model_shape) <= 2 or tuple(file_shape) == tuple(model_shape)
+
+
+@dataclass
+class Placement:
+    """Where a file's modules go in a model, and what does not fit."""
+
+    targets: dict[str, tuple[str, str]] = field(default_factory=dict)   # kohya name -> (component, path)
+    missing: list[str] = field(default_factory=list)                    # names of layers the model lacks
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)   # (name, file, model shape)
+    duplicates: list[str] = field(default_factory=list)                 # "<name> (duplicate of <name>)"
+
+    def unplaced(self) -> list[str]:
+        """One line per module that cannot be placed."""
+        return (self.missing + [f"{n} (shape mismatch: file {_shape(f)} vs model {_shape(m)})"
+                                for n, f, m in self.mismatched] + self.duplicates)
+
+    def refusal(self, file_name: str, arch: str, unknown: list[str] = (), file_arch: str | None = None) -> str | None:
+        """The message refusing this file (None when everything fits): the shapes that differ, the module
+        names the model lacks and the tensors no loader here uses, each named."""
+        def shown(names: list[str]) -> str:
+            return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        parts = []
+        if self.mismatched:
+            name, f, m = self.mismatched[0]
+            more = f" (and {len(self.mismatched) - 1} more modules)" if len(self.mismatched) > 1 else ""
+            parts.append(f"shape mismatch in {name}: file {_shape(f)} vs model {_shape(m)}{more}")
+        if self.missing:
+            parts.append(f"{len(self.missing)} modules name layers this {arch} model does not have "
+                         f"({shown(self.missing)})")
+        if self.duplicates:
+            parts.append(f"modules spelled twice ({shown(self.duplicates)})")
+        if unknown:
+            parts.append(f"tensors this tool cannot apply ({shown(list(unknown))})")
+        if not parts:
+            return None
+        made = f"; the file looks made for {file_arch}" if file_arch and file_arch not in (arch, "unknown") \
+            and arch not in file_arch.split("/") else ""
+        return f"LoRA '{file_name}' does not fit this {arch} model: {'; '.join(parts)}{made}. " \
+               "Pick a file made for this base model."
+
+
+def place(components: dict[str, nn.Module], arch: str, shapes: dict[str, tuple[int, ...]]) -> Placement:
+    """Place modules ({kohya name: weight shape the file implies}) on the model's Linear/Conv2d layers."""
+    lookup = module_name_map(components, arch, aliases=True)
+    out = Placement()
+    owner: dict[tuple[str, str], str] = {}
+    for kname, file_shape in shapes.items():
+        target = lookup.get(kname)
+        if target is None:
+            out.missing.append(kname)
+            continue
+        if target in owner:
+            out.duplicates.append(f"{kname} (duplicate of {owner[target]})")
+            continue
+        model_shape = tuple(base_layer(components, target).weight.shape)
+        if not shapes_fit(tuple(file_shape), model_shape):
+            out.mismatched.append((kname, tuple(file_shape), model_shape))
+            continue
+        owner[target] = kname
+        out.targets[kname] = target
+    return out
+
+
+def base_layer(components: dict[str, nn.Module], target: tuple[str, str]) -> nn.Module:
+    """The plain Linear/Conv2d at (component, path), under any PEFT wrapper."""
+    layer = components[target[0]].get_submodule(target[1])
+    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+
+
+def lora_shapes(lora: LoraFile) -> dict[str, tuple[int, ...]]:
+    """kohya name -> the weight shape each LoRA module changes."""
+    return {n: (int(m["up"].shape[0]), *m["down"].shape[1:]) for n, m in lora.modules.items()}
+
+
+def _fit(down: torch.Tensor, up: torch.Tensor, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reshape kohya factors (which ``shapes_fit``) to the PEFT shapes of ``base`` (Linear/Conv2d)."""
     w = base.weight
     r = down.shape[0]
     if isinstance(base, nn.Linear):
-        if down.dim() == 4 and down.shape[2:] == (1, 1):
-            down = down.flatten(1)
-        if up.dim() == 4 and up.shape[2:] == (1, 1):
-            up = up.flatten(1)
-        want_down, want_up = (r, w.shape[1]), (w.shape[0], r)
-    else:
-        if down.dim() == 2 and w.shape[2:] == (1, 1):
-            down = down[:, :, None, None]
-        if up.dim() == 2:
-            up = up[:, :, None, None]
-        want_down, want_up = (r, *w.shape[1:]), (w.shape[0], r, 1, 1)
-    if tuple(down.shape) != want_down or tuple(up.shape) != want_up:
-        return None
-    return down, up
+        return down.reshape(r, w.shape[1]), up.reshape(w.shape[0], r)
+    return down.reshape(r, *w.shape[1:]), up.reshape(w.shape[0], r, 1, 1)
 
 
 def _check_name(name: str) -> None:
@@ -177,46 +253,34 @@ def apply_adapter(components: dict[str, nn.Module], arch: str, lora: LoraFile | 
                   weight: float = 1.0) -> list[str]:
     """Attach ``lora`` as adapter ``name`` at ``weight`` (other adapters stay as they are).
 
-    Returns what could not be placed: module names this model lacks, "<name> (shape mismatch)",
-    and unsupported keys (LyCORIS/DoRA parts). An existing adapter of that name is replaced.
+    Returns what could not be placed (``Placement.unplaced``: module names this model lacks,
+    "<name> (shape mismatch: file [..] vs model [..])") and unsupported keys (LyCORIS/DoRA parts).
+    An existing adapter of that name is replaced.
     """
     _check_name(name)
     lora = lora if isinstance(lora, LoraFile) else read_lora_file(lora)
     delete_adapter(components, name)
-    lookup = module_name_map(components, arch, aliases=True)
-    unplaced: list[str] = []
-    placed: dict[tuple[str, str], tuple[str, torch.Tensor, torch.Tensor, float]] = {}
-    for kname, m in lora.modules.items():
-        target = lookup.get(kname)
-        if target is None:
-            unplaced.append(kname)
-            continue
-        if target in placed:
-            unplaced.append(f"{kname} (duplicate of {placed[target][0]})")
-            continue
-        component, path = target
-        base = components[component].get_submodule(path)
-        base = base.get_base_layer() if hasattr(base, "get_base_layer") else base
-        fitted = _fit(m["down"], m["up"], base)
-        if fitted is None:
-            unplaced.append(f"{kname} (shape mismatch)")
-            continue
-        placed[target] = (kname, fitted[0], fitted[1], float(m["alpha"]))
+    placement = place(components, arch, lora_shapes(lora))
+    placed: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for kname, target in placement.targets.items():
+        m = lora.modules[kname]
+        down, up = _fit(m["down"], m["up"], base_layer(components, target))
+        placed[target] = (down, up, float(m["alpha"]))
     per_component: dict[str, dict[str, tuple[int, float]]] = {}
-    for (component, path), (_, down, _, alpha) in placed.items():
+    for (component, path), (down, _, alpha) in placed.items():
         per_component.setdefault(component, {})[path] = (int(down.shape[0]), alpha)
     for component, paths in per_component.items():
         config = lora_config_for(paths, init_lora_weights=False, inference_mode=True)
         inject_peft(components[component], config, name)
     layers = lora_modules(components, name)
     with torch.no_grad():
-        for (component, path), (_, down, up, _) in placed.items():
+        for (component, path), (down, up, _) in placed.items():
             layer = layers[f"{component}.{path}"][1]
             layer.lora_A[name].weight.copy_(down)
             layer.lora_B[name].weight.copy_(up)
     if placed:
         set_weights(components, {name: weight})
-    return unplaced + list(lora.unsupported)
+    return placement.unplaced() + list(lora.unsupported)
 
 
 def attached(components: dict[str, nn.Module]) -> list[str]:
@@ -253,71 +317,8 @@ def remove_adapter(components: dict[str, nn.Module], name: str) -> int:
 
 
 # --- blending -----------------------------------------------------------------------------
-def _as_conv(t: torch.Tensor) -> torch.Tensor:
-    return t[:, :, None, None] if t.dim() == 2 else t
-
-
 def blend_files(items: list[tuple[str | Path, float]], out_path: str | Path, metadata_extra: dict | None = None,
                 *, dtype: torch.dtype | None = None) -> Path:
-    """Blend weighted LoRA files into one kohya file whose effect equals applying them all at once.
-
-    Exact by rank concatenation per module: down = cat(A_i), up = cat(w_i * (alpha_i / r_i) * B_i),
-    so the blended scale must be 1: alpha = total rank R. When total ranks differ between modules,
-    one alpha (the most common R) is written and each up is multiplied by R_m / alpha, keeping the
-    scale exact in every loader (diffusers mis-scales files whose alphas differ per module).
-    ``dtype`` defaults to the widest input dtype.
-    """
-    if not items:
-        raise TrainerError("Nothing to blend; give at least one LoRA file with a weight.", field="lora")
-    files = [(read_lora_file(p), float(w)) for p, w in items]
-    for lf, _ in files:
-        if lf.unsupported:
-            raise TrainerError(f"'{lf.path.name}' has parts a LoRA blend cannot carry ({lf.unsupported[0]}, ...); "
-                               "blend plain LoRA files only.", field="lora")
-    versions = {lf.metadata["ss_base_model_version"] for lf, _ in files if lf.metadata.get("ss_base_model_version")}
-    if len(versions) > 1:
-        raise TrainerError(f"These LoRAs were trained for different base models ({', '.join(sorted(versions))}); "
-                           "blend files made for the same model.", field="lora")
-    used = [(lf, w) for lf, w in files if w != 0]
-    if not used:
-        raise TrainerError("All blend weights are 0; give at least one file a non-zero weight.", field="lora")
-    downs: dict[str, list[torch.Tensor]] = {}
-    ups: dict[str, list[torch.Tensor]] = {}
-    for lf, w in used:
-        for name, m in lf.modules.items():
-            down, up = m["down"].float(), m["up"].float() * (w * m["alpha"] / m["down"].shape[0])
-            downs.setdefault(name, []).append(down)
-            ups.setdefault(name, []).append(up)
-    tensors: dict[str, torch.Tensor] = {}
-    ranks = {n: sum(d.shape[0] for d in ds) for n, ds in downs.items()}
-    alpha = Counter(ranks.values()).most_common(1)[0][0]
-    for name, ds in downs.items():
-        us = ups[name]
-        if len({d.dim() for d in ds}) > 1 or len({u.dim() for u in us}) > 1:
-            ds, us = [_as_conv(d) for d in ds], [_as_conv(u) for u in us]
-        if len({tuple(d.shape[1:]) for d in ds}) > 1 or len({u.shape[0] for u in us}) > 1:
-            raise TrainerError(f"Module {name} has different shapes in the blended files; they were made for "
-                               "different models. Blend files made for the same model.", field="lora")
-        tensors[f"{name}.lora_down.weight"] = torch.cat(ds, 0)
-        tensors[f"{name}.lora_up.weight"] = torch.cat(us, 1) * (ranks[name] / alpha)
-        tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
-    first = used[0][0].metadata
-    keep = ("ss_base_model_version", "ss_v2", "ss_v_parameterization", "ss_sd_model_name", "ss_resolution",
-            "modelspec.architecture", "modelspec.implementation", "modelspec.resolution",
-            "modelspec.prediction_type")
-    metadata = {k: first[k] for k in keep if k in first}
-    metadata.update({
-        "ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks.values())),
-        "ss_network_alpha": str(float(alpha)), "ss_output_name": Path(out_path).stem,
-        "modelspec.sai_model_spec": "1.0.1", "modelspec.title": Path(out_path).stem,
-        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
-        "modelspec.merged_from": ", ".join(f"{lf.path.parent.name}/{lf.path.name}" for lf, _ in files),
-        "lora_trainer.blend": json.dumps([{"file": lf.path.name, "weight": w,
-                                           "sshs_model_hash": lf.metadata.get("sshs_model_hash", "")}
-                                          for lf, w in files]),
-    })
-    metadata.update({k: str(v) for k, v in (metadata_extra or {}).items()})
-    if dtype is None:
-        sizes = [t.dtype for lf, _ in used for m in lf.modules.values() for t in (m["down"], m["up"])]
-        dtype = sizes[0] if len(set(sizes)) == 1 else torch.float32
-    return save_adapter(out_path, tensors, metadata, dtype=dtype)
+    """Exact blend of weighted LoRA files (rank concatenation); see ``trainer.files.blend.blend``."""
+    from .blend import blend_files as exact_blend   # blend builds on this module
+    return exact_blend(items, out_path, metadata_extra, dtype=dtype)

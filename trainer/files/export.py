@@ -125,6 +125,10 @@ def build_metadata(config: TrainConfig, *, arch: str, prediction_type: str, base
                    extra: dict | None = None, groups: list[TargetGroup] | None = None) -> dict[str, str]:
     """Metadata A1111, ComfyUI and kohya tools read (all values str; JSON for dict-valued keys).
 
+    ``epoch`` is the loop's 0-based counter of the epoch in progress: the loop advances it only after a
+    full epoch and breaks out (step budget, stop) before that, so a run saved at step N > 0 has run
+    ``epoch + 1`` epochs, the last possibly in part; ``ss_num_epochs`` and ``ss_epoch`` both say that
+    (sd-scripts writes the final epoch number, 1-based, in both), and 0 before the first step.
     ``groups`` (the injected TargetGroups) is listed under our own key; default: from ``config``.
     """
     if arch not in _BASE_VERSION:
@@ -200,11 +204,12 @@ def _conditioning_keys(config: TrainConfig) -> dict[str, Any]:
 
 def _run_keys(config: TrainConfig, *, num_images: int, steps: int, epoch: int, tag_frequency: dict,
               started_at: float, now: datetime.datetime) -> dict[str, Any]:
-    """The dataset and how far the run went."""
+    """The dataset and how far the run went (``epoch``: see ``build_metadata``)."""
+    epochs_run = epoch + 1 if steps > 0 else 0
     return {
         "ss_num_train_images": num_images,
         "ss_num_batches_per_epoch": max(1, -(-num_images * config.repeats // config.batch_size)),
-        "ss_num_epochs": config.epochs,
+        "ss_num_epochs": epochs_run,
         "ss_batch_size_per_device": config.batch_size,
         "ss_total_batch_size": config.batch_size * config.gradient_accumulation_steps,
         "ss_gradient_accumulation_steps": config.gradient_accumulation_steps,
@@ -212,7 +217,7 @@ def _run_keys(config: TrainConfig, *, num_images: int, steps: int, epoch: int, t
         "ss_training_started_at": started_at,
         "ss_training_finished_at": now.timestamp(),
         "ss_steps": steps,
-        "ss_epoch": epoch,
+        "ss_epoch": epochs_run,
         "ss_max_train_steps": config.max_train_steps,
         "ss_tag_frequency": json.dumps(_tag_frequency(tag_frequency, config.data_dir)),
         "ss_dataset_dirs": json.dumps({Path(config.data_dir).name or "dataset":

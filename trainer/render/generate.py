@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..files.adapters import apply_adapter, read_lora_file, remove_adapter, set_weights
+from ..files.adapters import apply_adapter, lora_shapes, place, read_lora_file, remove_adapter, set_weights
 from ..errors import TrainerError
 from ..models.loader import BaseModel, load_base_model, make_pipeline
 from ..models.text import check_conditioning, prompt_kwargs
@@ -26,6 +26,7 @@ class RenderSettings:
     size: int | None = None            # None = the model's native resolution
     clip_skip: int = 0                 # as the run's config: 0/1 = last layer, 2 = A1111's "clip skip 2"
     max_token_length: int = 75         # 150/225: prompts longer than 75 tokens are encoded in chunks
+    output_type: str = "pil"           # "np": a float array in [0, 1] (comparisons), as the pipelines take it
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Renderer:
     sampler: str = "dpmpp"
     _names: dict[str, str] = field(default_factory=dict)    # resolved path -> adapter name
     _pipe: object | None = None
+    _attached: int = 0                                       # adapters attached so far: names are never reused
 
     @classmethod
     def load(cls, model: str = "builtin", *, device: str = "auto", **kwargs) -> "Renderer":
@@ -54,18 +56,19 @@ class Renderer:
         return self._pipe
 
     def attach(self, path: str | Path) -> str:
-        """Load a LoRA file once; returns its adapter name. Unplaceable keys are an error."""
+        """Load a LoRA file once; returns its adapter name (unique for this renderer, so a detached
+        adapter's name is never given to another file). A file that does not fit is refused, naming why."""
         key = str(Path(path).resolve())
         if key not in self._names:
-            name = f"lora{len(self._names)}"
             lora = read_lora_file(path)
-            missing = apply_adapter(self.base.components(), self.base.arch, lora, name, weight=0.0)
-            if missing:
-                remove_adapter(self.base.components(), name)
-                shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
-                raise TrainerError(f"LoRA '{Path(path).name}' has {len(missing)} modules this "
-                                   f"{self.base.arch} model does not have ({shown}); it was made for "
-                                   "another base model. Pick a LoRA for this model.", field="lora")
+            components = self.base.components()
+            placement = place(components, self.base.arch, lora_shapes(lora))
+            if placement.refusal(Path(path).name, self.base.arch, lora.unsupported):
+                raise TrainerError(placement.refusal(Path(path).name, self.base.arch, lora.unsupported,
+                                                     file_arch=_file_arch(path)), field="lora")
+            name = f"lora{self._attached}"
+            self._attached += 1
+            apply_adapter(components, self.base.arch, lora, name, weight=0.0)
             self._names[key] = name
         return self._names[key]
 
@@ -91,7 +94,17 @@ class Renderer:
                                 clip_skip=settings.clip_skip, max_token_length=settings.max_token_length,
                                 zero_empty_negative=bool(pipe.config.get("force_zeros_for_empty_prompt")))
         return pipe(**prompts, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                    height=size, width=size, generator=generator).images[0]
+                    height=size, width=size, generator=generator, output_type=settings.output_type).images[0]
+
+
+def _file_arch(path: str | Path) -> str | None:
+    """The architecture a LoRA file's keys imply (for the refusal message), None when unreadable."""
+    from ..files.deltas import read_network_file
+    from ..files.inspect import guess_architecture
+    try:
+        return guess_architecture(read_network_file(path))[0]
+    except TrainerError:
+        return None
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
