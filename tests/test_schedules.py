@@ -17,15 +17,27 @@ def test_step_counts():
 
 
 def test_lr_schedules():
-    f = lambda s, name, w=0: schedules.lr_multiplier(s, schedule=name, warmup=w, total=100)  # noqa: E731
+    """diffusers' schedules through make_scheduler: the warm-up first, 'constant' warms up when asked to."""
+    from trainer.config import TrainConfig
+    from trainer.loop.optimizers import make_scheduler
+
+    def f(step, name, warmup=0):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = make_scheduler(TrainConfig(lr_scheduler=name, lr_warmup_steps=warmup), opt, 100)
+        for _ in range(step):
+            opt.step()
+            sched.step()
+        return sched.get_last_lr()[0]
+
     assert f(0, "constant") == 1.0 and f(99, "constant") == 1.0
-    assert f(0, "constant_with_warmup", 10) == pytest.approx(0.1)
-    assert f(9, "constant_with_warmup", 10) == pytest.approx(1.0)
+    assert f(0, "constant", 10) == pytest.approx(0.0) and f(10, "constant", 10) == pytest.approx(1.0)
+    assert f(5, "constant_with_warmup", 10) == pytest.approx(0.5)
     assert f(0, "cosine") == pytest.approx(1.0)
     assert f(50, "cosine") == pytest.approx(0.5)
     assert f(100, "cosine") == pytest.approx(0.0, abs=1e-9)
     assert f(50, "linear") == pytest.approx(0.5)
-    values = [f(s, "cosine", 10) for s in range(10, 100)]
+    assert f(50, "cosine_with_restarts") == pytest.approx(0.5) and f(50, "polynomial") == pytest.approx(0.5, abs=1e-6)
+    values = [f(s, "cosine", 10) for s in range(10, 100, 9)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay after warm-up
 
 

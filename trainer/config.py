@@ -24,8 +24,8 @@ TEXT_ENCODER_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_p
 PROJECTOR_KINDS = ("encoder_hid_proj", "add_embedding", "text_projection")
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
-OPTIMIZERS = ("adamw", "adamw8bit")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy", "lion", "schedule_free_adamw")  # = loop.optimizers
 ARCHS = ("auto", "sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
@@ -129,13 +129,16 @@ class TrainConfig:
     epochs: int = _optim(10)
     batch_size: int = _optim(1)
     gradient_accumulation_steps: int = _optim(1)
-    optimizer: str = _optim("adamw", "adamw, or adamw8bit when bitsandbytes is installed", choices=OPTIMIZERS)
+    optimizer: str = _optim("adamw", "adamw; adamw8bit, adafactor, prodigy, lion, schedule_free_adamw need their "
+                            "package (pip install -e \".[optimizers]\")", choices=OPTIMIZERS)
     weight_decay: float = _optim(1e-2)
     adam_beta1: float = _optim(0.9)
     adam_beta2: float = _optim(0.999)
     adam_epsilon: float = _optim(1e-8)
     max_grad_norm: float = _optim(1.0, "0 disables clipping")
-    lr_scheduler: str = _optim("cosine", choices=LR_SCHEDULERS)
+    lr_scheduler: str = _optim("cosine", "diffusers' schedules; the warm-up comes first", choices=LR_SCHEDULERS)
+    lr_scheduler_num_cycles: int = _optim(1, "restarts of cosine_with_restarts")
+    lr_scheduler_power: float = _optim(1.0, "power of the polynomial schedule")
     lr_warmup_steps: int = _optim(0)
     mixed_precision: str = _optim(
         "no", "no / fp16 / bf16 (frozen weights only; LoRA stays fp32)", choices=MIXED_PRECISIONS)

@@ -16,6 +16,7 @@ from ..events import Log
 from ..models.loader import BaseModel, encode_prompts
 from ..network.lora import cast_frozen, describe_group, groups_from_config, inject
 from . import distributed, schedules
+from .optimizers import make_optimizer, make_scheduler
 from .outputs import Run
 from .validation import build_validation_set, validation_loss
 
@@ -43,21 +44,6 @@ def make_accelerator(config: TrainConfig):
                            "gradients itself, as DDP does. Run `accelerate config` and choose multi-GPU (or use "
                            "examples/accelerate/multi_gpu.yaml).", field="accelerate")
     return accelerator
-
-
-def make_optimizer(config: TrainConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit AdamW when asked for (and installed)."""
-    kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-                  weight_decay=config.weight_decay)
-    if config.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise TrainerError("optimizer 'adamw8bit' needs the bitsandbytes package; "
-                               "`pip install bitsandbytes` (CUDA only) or use 'adamw'.",
-                               field="optimizer") from None
-        return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    return torch.optim.AdamW(param_groups, **kwargs)
 
 
 @dataclass
@@ -91,8 +77,7 @@ def prepare(run: Run) -> Parts:
                                               config.epochs, config.max_train_steps)
     lr_of = {g.name: g.lr for g in groups}
     optimizer = make_optimizer(config, [{"params": p, "lr": lr_of[n], "name": n} for n, p in params.items()])
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedules.lr_multiplier(
-        s, schedule=config.lr_scheduler, warmup=config.lr_warmup_steps, total=total))
+    lr_scheduler = make_scheduler(config, optimizer, total)
     optimizer = accelerator.prepare(optimizer)
     unet = run.base.unet
     return Parts(accelerator=accelerator, device=device, weight_dtype=weight_dtype, trainable=trainable,

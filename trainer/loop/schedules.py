@@ -1,4 +1,5 @@
-"""Pure functions of the training maths: step counts, LR schedule, noise, targets, min-SNR weights.
+"""Pure functions of the training maths: step counts, noise and its per-sample seeds, targets, min-SNR weights
+(LR schedules come from diffusers, see ``optimizers``).
 
 Each takes plain values or tensors and returns a value; the loop in train.py only wires them.
 """
@@ -29,21 +30,6 @@ def total_steps_for_batches(batches_per_epoch: int, grad_accum: int, epochs: int
     if max_steps > 0:
         return max_steps
     return epochs * max(1, math.ceil(batches_per_epoch / grad_accum))
-
-
-def lr_multiplier(step: int, *, schedule: str, warmup: int, total: int) -> float:
-    """LR factor at optimizer step ``step`` (0-based): linear warm-up, then the named decay."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule in ("constant", "constant_with_warmup"):
-        return 1.0
-    span = max(1, total - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown lr schedule {schedule!r}")
 
 
 def sample_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Generator | None) -> torch.Tensor:

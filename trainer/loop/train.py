@@ -25,7 +25,8 @@ from . import distributed
 from .outputs import Run, render_samples, save, save_interrupted
 from .records import RunRecord, TensorBoardLog
 from .state import Checkpoint, find_checkpoint, load_checkpoint, resume_changes, save_checkpoint
-from .prepare import Parts, make_optimizer, prepare
+from .optimizers import make_optimizer, set_training_mode
+from .prepare import Parts, prepare
 from .validation import every_n_steps, split_report
 
 __all__ = ["train", "diffusion_loss", "make_optimizer"]
@@ -128,6 +129,7 @@ def _loop(run: Run, control: Control) -> Path:
         _checkpoint(run, parts)
         run.emit(Log(f"stopped at step {run.step} of {parts.total}; continue with: python -m trainer train "
                      f"--resume {run.run_dir}"))
+    set_training_mode(parts.optimizer, False)     # schedule-free: export the averaged weights
     path = save(run, final=True) if distributed.is_main() else run.run_dir / f"{run.config.name}.safetensors"
     run.emit(Finished(path=str(path), steps=run.step, stopped_early=stopped,
                       final_loss=losses[-1] if losses else math.nan,
@@ -161,7 +163,9 @@ def _checkpoint(run: Run, parts: Parts) -> None:
 
 
 def _validate(run: Run, parts: Parts) -> None:
+    set_training_mode(parts.optimizer, False)
     loss = parts.validate()
+    set_training_mode(parts.optimizer, True)
     run.emit(Validation(step=run.step, loss=loss, images=run.held_out.num_images))
 
 
@@ -180,6 +184,7 @@ def _train_steps(run: Run, parts: Parts, control: Control) -> deque[float]:
     t_start = last_t = time.perf_counter()
     for m in parts.trainable:
         m.train()
+    set_training_mode(parts.optimizer, True)
     every = every_n_steps(run.config, parts.total)
     accum, per_epoch = run.config.gradient_accumulation_steps, len(parts.data.sampler)
     if parts.validate and run.step == 0:
@@ -261,10 +266,15 @@ def _non_finite(run: Run, what: str) -> TrainerError:
 def _between_steps(run: Run, parts: Parts, control: Control) -> None:
     """Periodic and requested saves, training-state checkpoints and samples."""
     cfg, total = run.config, parts.total
-    if control.take_save() or (cfg.save_every_n_steps and run.step % cfg.save_every_n_steps == 0
-                               and run.step < total):
-        save(run, final=False)
     if cfg.checkpoint_every_n_steps and run.step % cfg.checkpoint_every_n_steps == 0 and run.step < total:
         _checkpoint(run, parts)
-    if control.take_sample() or (cfg.sample_every_n_steps and run.step % cfg.sample_every_n_steps == 0):
-        render_samples(run)
+    save_now = control.take_save() or (cfg.save_every_n_steps and run.step % cfg.save_every_n_steps == 0
+                                       and run.step < total)
+    sample_now = control.take_sample() or (cfg.sample_every_n_steps and run.step % cfg.sample_every_n_steps == 0)
+    if save_now or sample_now:
+        set_training_mode(parts.optimizer, False)
+        if save_now:
+            save(run, final=False)
+        if sample_now:
+            render_samples(run)
+        set_training_mode(parts.optimizer, True)
