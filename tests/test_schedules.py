@@ -81,3 +81,17 @@ def test_weighted_mse():
     pred, target = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
     assert schedules.weighted_mse(pred, target, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.5)
     assert math.isclose(schedules.weighted_mse(pred, target, torch.ones(2)).item(), 1.0)
+
+
+def test_zero_terminal_snr_reaches_snr_zero_with_finite_weights():
+    from diffusers import DDPMScheduler
+
+    plain = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    ztsnr = schedules.zero_terminal_snr_scheduler(plain)
+    t = torch.tensor([0, 500, 999])
+    snr_plain, snr_zero = schedules.snr(plain.alphas_cumprod, t), schedules.snr(ztsnr.alphas_cumprod, t)
+    assert snr_plain[-1] > 1e-4 and snr_zero[-1] == 0.0              # the rescaled schedule ends at pure noise
+    assert ztsnr.config.timestep_spacing == "trailing"
+    for kind in ("v_prediction", "epsilon"):
+        w = schedules.min_snr_weights(snr_zero, 5.0, kind)
+        assert torch.isfinite(w).all() and w[-1] == 0.0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -237,3 +238,19 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path):
     a, b = load_file(plain), load_file(ckpt)
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
+
+
+def test_zero_terminal_snr_needs_v_prediction_and_trains_with_it(tmp_path):
+    from trainer.errors import TrainerError
+
+    with pytest.raises(TrainerError, match="zero_terminal_snr needs a v-prediction model") as err:
+        train(quick_config(tmp_path, zero_terminal_snr=True, max_train_steps=1), base=tiny_base())
+    assert err.value.field == "zero_terminal_snr"
+    base = tiny_base()
+    base.prediction_type = "v_prediction"
+    base.noise_scheduler.register_to_config(prediction_type="v_prediction")
+    events = []
+    train(quick_config(tmp_path, zero_terminal_snr=True, max_train_steps=3, min_snr_gamma=5.0), base=base,
+          listeners=[events.append])
+    assert base.noise_scheduler.alphas_cumprod[-1] == 0.0
+    assert all(math.isfinite(e.loss) for e in events if isinstance(e, Progress))

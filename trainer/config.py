@@ -144,6 +144,7 @@ class TrainConfig:
         "no", "no / fp16 / bf16 (frozen weights only; LoRA stays fp32)", choices=MIXED_PRECISIONS)
     gradient_checkpointing: bool = _optim(False)
     min_snr_gamma: float = _optim(5.0, "min-SNR loss weighting; 0 disables")
+    zero_terminal_snr: bool = _optim(False, "rescale the noise schedule to reach SNR 0 (v-prediction models only)")
     noise_offset: float = _optim(0.0, "0.05-0.1 helps very dark/bright images")
     seed: int = _optim(42)
 

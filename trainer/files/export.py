@@ -238,6 +238,7 @@ def _hyperparameter_keys(config: TrainConfig, v_pred: bool) -> dict[str, Any]:
         "ss_save_precision": config.save_precision,
         "ss_seed": config.seed,
         "ss_min_snr_gamma": config.min_snr_gamma,
+        "ss_zero_terminal_snr": config.zero_terminal_snr,
         "ss_noise_offset": config.noise_offset,
         "ss_caption_dropout_rate": config.caption_dropout,
         "ss_max_grad_norm": config.max_grad_norm,

@@ -69,7 +69,13 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str
     clipped = torch.clamp(snr_values, max=gamma)
     if prediction_type == "v_prediction":
         return clipped / (snr_values + 1.0)
-    return clipped / snr_values
+    return clipped / snr_values.clamp_min(1e-8)      # finite at SNR 0 (zero-terminal SNR)
+
+
+def zero_terminal_snr_scheduler(scheduler):
+    """The same schedule with betas rescaled so the last timestep has SNR 0 (Lin et al. 2024) and trailing
+    timestep spacing for sampling; diffusers does the rescaling."""
+    return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
 
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,

@@ -21,7 +21,7 @@ from ..errors import TrainerError
 from ..events import Control, Event, Failed, Finished, Listener, Log, Progress, Started, Validation
 from ..models.loader import BaseModel, load_base_model
 from .loss import diffusion_loss
-from . import distributed
+from . import distributed, schedules
 from .outputs import Run, render_samples, save, save_interrupted
 from .records import RunRecord, TensorBoardLog
 from .state import Checkpoint, find_checkpoint, load_checkpoint, resume_changes, save_checkpoint
@@ -87,6 +87,14 @@ def _setup(config: TrainConfig, base: BaseModel | None, emit: Callable[[Event], 
         config = config.replace(resolution=base.resolution)
         report = scan_dataset(config.data_dir, trigger_word=config.trigger_word, resolution=config.resolution,
                               caption_extension=config.caption_extension)
+    if config.zero_terminal_snr:
+        if base.prediction_type != "v_prediction":
+            raise TrainerError(f"zero_terminal_snr needs a v-prediction model and '{config.model}' predicts "
+                               f"{base.prediction_type}: at SNR 0 an epsilon target says nothing. Set "
+                               "prediction_type=v_prediction (to train the model towards it) or turn "
+                               "zero_terminal_snr off.", field="zero_terminal_snr")
+        base.noise_scheduler = schedules.zero_terminal_snr_scheduler(base.noise_scheduler)
+        emit(Log("zero-terminal SNR: betas rescaled, trailing timesteps for samples"))
     spec = buckets_for(config, model_multiple(base.unet, base.vae))
     if spec is not None:
         add_bucket_table(report, spec)      # size warnings against each image's bucket
