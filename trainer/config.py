@@ -145,6 +145,8 @@ class TrainConfig:
     gradient_checkpointing: bool = _optim(False)
     min_snr_gamma: float = _optim(5.0, "min-SNR loss weighting; 0 disables")
     zero_terminal_snr: bool = _optim(False, "rescale the noise schedule to reach SNR 0 (v-prediction models only)")
+    ema_decay: float = _optim(0.0, "EMA of the LoRA weights, exported instead of the last ones (0.999 typical)")
+    ema_on_cpu: bool = _optim(False, "keep the EMA copy in CPU memory instead of on the training device")
     noise_offset: float = _optim(0.0, "0.05-0.1 helps very dark/bright images")
     seed: int = _optim(42)
 
@@ -180,6 +182,8 @@ class TrainConfig:
                                f"model's native size); try {max(64, (self.resolution + 7) // 8 * 8)}.")
         e.update(self._bucket_errors())
         e.update(self._validation_errors())
+        if not 0 <= self.ema_decay < 1:
+            e["ema_decay"] = f"{self.ema_decay} must be in [0, 1); 0.999 is typical, 0 turns EMA off."
         if self.prior_loss_weight < 0:
             e["prior_loss_weight"] = f"{self.prior_loss_weight} must be 0 or more; 1.0 is the usual value."
         if self.rank < 1:

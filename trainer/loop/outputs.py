@@ -3,6 +3,7 @@ the best-effort save after a failure, and sample images.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +40,7 @@ class Run:
     held_out: DatasetReport | None = None  # validation images, when the config asks for a validation loss
     reg: DatasetReport | None = None       # regularisation images, when reg_data_dir is set
     resume: Any = None                     # the state.Checkpoint a resumed run continues from
+    ema: Any = None                        # ema.Ema when ema_decay is set: exports use its weights
     position: int = 0                      # micro-batches of the current epoch already trained
 
 
@@ -54,10 +56,17 @@ def run_metadata(run: Run) -> dict[str, str]:
                           training_started_at=run.started_at, extra=extra)
 
 
+def _exported_tensors(run: Run) -> dict:
+    """The LoRA as exported: the EMA weights when EMA is on, else the weights as they are."""
+    with run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext():
+        # copies: on the CPU in fp32 the state dict shares the parameters' storage, which the swap restores
+        return {k: v.clone() for k, v in lora_state_dict(run.base.components(), run.base.arch).items()}
+
+
 def save(run: Run, *, final: bool) -> Path:
     cfg, base = run.config, run.base
     stem = cfg.name if final else f"{cfg.name}-step{run.step:06d}"
-    tensors = lora_state_dict(base.components(), base.arch)
+    tensors = _exported_tensors(run)
     metadata = {**run_metadata(run), **projector_metadata(tensors)}
     if cfg.train_projector:  # list the projector modules actually found, not just "asked for"
         metadata[GROUPS_KEY] = groups_json(groups_from_config(cfg, base.components()))
@@ -78,7 +87,7 @@ def save(run: Run, *, final: bool) -> Path:
 def save_interrupted(run: Run) -> Path | None:
     """Best effort after an unexpected failure: write the LoRA so far under a distinct name."""
     try:
-        tensors = lora_state_dict(run.base.components(), run.base.arch)
+        tensors = _exported_tensors(run)
         return save_adapter(run.run_dir / f"{run.config.name}-step{run.step:06d}-interrupted.safetensors",
                             tensors, run_metadata(run))
     except Exception:  # saving is a courtesy here (save_adapter refuses NaN weights); the original error is reported

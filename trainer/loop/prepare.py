@@ -16,6 +16,7 @@ from ..events import Log
 from ..models.loader import BaseModel, encode_prompts
 from ..network.lora import cast_frozen, describe_group, groups_from_config, inject
 from . import distributed, schedules
+from .ema import Ema
 from .optimizers import make_optimizer, make_scheduler
 from .outputs import Run
 from .validation import build_validation_set, validation_loss
@@ -62,6 +63,7 @@ class Parts:
     alphas_cumprod: torch.Tensor          # the noise schedule's, on ``device``
     validate: Callable[[], float] | None  # the validation loss now (None: no validation images)
     total: int                            # optimizer steps of the whole run
+    ema: Ema | None = None                # EMA of the LoRA weights (ema_decay > 0)
 
 
 def prepare(run: Run) -> Parts:
@@ -80,11 +82,14 @@ def prepare(run: Run) -> Parts:
     lr_scheduler = make_scheduler(config, optimizer, total)
     optimizer = accelerator.prepare(optimizer)
     unet = run.base.unet
+    if config.ema_decay:
+        run.ema = Ema([p for ps in params.values() for p in ps], config.ema_decay,
+                      "cpu" if config.ema_on_cpu else device)
     return Parts(accelerator=accelerator, device=device, weight_dtype=weight_dtype, trainable=trainable,
                   params=params, unet=unet, data=data, optimizer=optimizer,
                   lr_scheduler=lr_scheduler,
                   alphas_cumprod=run.base.noise_scheduler.alphas_cumprod.to(device), total=total,
-                  validate=_validator(run, data, unet, device, weight_dtype))
+                  validate=_validator(run, data, unet, device, weight_dtype), ema=run.ema)
 
 
 def _prepare_data(run: Run, device) -> DataPipe:

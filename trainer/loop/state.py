@@ -72,7 +72,7 @@ def _torch_bytes(obj: Any) -> bytes:
 
 def save_checkpoint(run_dir: Path, *, step: int, epoch: int, position: int, config: TrainConfig,
                     components: dict[str, torch.nn.Module], optimizer, lr_scheduler, scaler=None,
-                    keep: int = 2, processes: int = 1) -> Path:
+                    keep: int = 2, processes: int = 1, ema=None) -> Path:
     """Write ``step-NNNNNN`` into a temporary folder, then rename it into place (a kill mid-write leaves only
     the temporary folder, which is never read); then prune all but the newest ``keep`` complete ones."""
     root = Path(run_dir) / CHECKPOINTS
@@ -88,6 +88,8 @@ def save_checkpoint(run_dir: Path, *, step: int, epoch: int, position: int, conf
              "config.json": (config.to_json() + "\n").encode()}
     if scaler is not None:
         files["scaler.pt"] = _torch_bytes(scaler.state_dict())
+    if ema is not None:
+        files["ema.safetensors"] = save(ema.state_dict())
     for name, data in files.items():
         _write_synced(tmp / name, data)
     state = {"version": STATE_VERSION, "step": step, "epoch": epoch, "position": position, "processes": processes,
@@ -181,7 +183,7 @@ def resume_changes(saved: TrainConfig, now: TrainConfig) -> list[str]:
 
 
 def load_checkpoint(ckpt: Checkpoint, components: dict[str, torch.nn.Module], optimizer, lr_scheduler,
-                    scaler=None) -> None:
+                    scaler=None, ema=None) -> None:
     """Put a checkpoint's weights, optimizer, LR schedule, RNG and scaler state back in place."""
     tensors = load((ckpt.path / "lora.safetensors").read_bytes())
     params = {f"{c}/{n}": p for c, m in components.items() for n, p in m.named_parameters() if p.requires_grad}
@@ -196,4 +198,9 @@ def load_checkpoint(ckpt: Checkpoint, components: dict[str, torch.nn.Module], op
     lr_scheduler.load_state_dict(torch.load(ckpt.path / "scheduler.pt", weights_only=False))
     if scaler is not None and (ckpt.path / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(ckpt.path / "scaler.pt", weights_only=False))
+    if ema is not None:
+        if not (ckpt.path / "ema.safetensors").is_file():
+            raise TrainerError(f"Checkpoint '{ckpt.path}' has no EMA weights but ema_decay is set now; resume "
+                               "with ema_decay 0, or start a new run.", field="ema_decay")
+        ema.load_state_dict(load((ckpt.path / "ema.safetensors").read_bytes()))
     set_rng_state(torch.load(ckpt.path / "rng.pt", weights_only=False))

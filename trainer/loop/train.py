@@ -152,7 +152,7 @@ def _restore(run: Run, parts: Parts) -> None:
                            f"this one has {distributed.world_size()}; the data order depends on it. Resume with "
                            f"{ckpt.processes} process(es).", field="resume")
     load_checkpoint(ckpt, run.base.components(), parts.optimizer, parts.lr_scheduler,
-                    scaler=getattr(parts.accelerator, "scaler", None))
+                    scaler=getattr(parts.accelerator, "scaler", None), ema=parts.ema)
     run.step, run.epoch, run.position = ckpt.step, ckpt.epoch, ckpt.position
     if run.position >= len(parts.data.sampler):   # saved on an epoch's last batch: start the next epoch
         run.epoch, run.position = run.epoch + 1, 0
@@ -166,7 +166,7 @@ def _checkpoint(run: Run, parts: Parts) -> None:
                            processes=distributed.world_size(),
                            components=run.base.components(), optimizer=parts.optimizer,
                            lr_scheduler=parts.lr_scheduler, scaler=getattr(parts.accelerator, "scaler", None),
-                           keep=cfg.keep_checkpoints)
+                           keep=cfg.keep_checkpoints, ema=parts.ema)
     run.emit(Log(f"checkpoint at step {run.step}: {path}"))
 
 
@@ -256,6 +256,8 @@ def _micro_step(run: Run, parts: Parts, batch: dict | None, global_n: int, sync:
         parts.optimizer.step()
         parts.lr_scheduler.step()
         parts.optimizer.zero_grad(set_to_none=True)
+        if parts.ema is not None:
+            parts.ema.update()
     return distributed.sum_value(local_sum, parts.device) / global_n
 
 
