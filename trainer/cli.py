@@ -22,7 +22,8 @@ TRAIN_FLAGS = {
     "epochs": "epochs", "lr": "learning_rate", "batch_size": "batch_size",
     "mixed_precision": "mixed_precision", "text_encoder_lr": "text_encoder_lr",
     "projector_rank": "projector_rank", "projector_alpha": "projector_alpha", "projector_lr": "projector_lr",
-    "cache_dir": "cache_dir", "checkpoint_every": "checkpoint_every_n_steps", "keep_checkpoints": "keep_checkpoints",
+    "cache_dir": "cache_dir", "conv_rank": "conv_rank", "conv_alpha": "conv_alpha",
+    "checkpoint_every": "checkpoint_every_n_steps", "keep_checkpoints": "keep_checkpoints",
 }
 # switch flag -> (TrainConfig field, value it sets); an absent switch leaves the preset/config value
 TRAIN_SWITCHES = {"train_text_encoder": ("train_text_encoder", True), "train_projectors": ("train_projector", True),
@@ -68,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--projector-rank", type=int, help="projector LoRA rank (default: --rank)")
     t.add_argument("--projector-alpha", type=float, help="projector LoRA alpha (default: --alpha)")
     t.add_argument("--projector-lr", type=float, help="projector learning rate")
+    t.add_argument("--unet-targets", metavar="SETS",
+                   help="UNet layers: cross-attn (default), attn (self + cross), ff, all (attn, ff, proj_in/out); "
+                        "comma-combinable, e.g. cross-attn,ff")
+    t.add_argument("--conv-rank", type=int, metavar="R", help="LoCon: also train the UNet's convs with rank R")
+    t.add_argument("--conv-alpha", type=float, metavar="A", help="alpha of the conv group (default: conv rank)")
+    t.add_argument("--text-encoder-targets", metavar="SET", help="text-encoder layers: attn (default) or all "
+                   "(attention and MLP); with --train-text-encoder")
     t.add_argument("--no-buckets", action="store_true", default=None,
                    help="square-crop every image to the resolution instead of aspect-ratio buckets")
     t.add_argument("--cache-dir", metavar="DIR",
@@ -112,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .config import TrainConfig, from_dict, resolve
+    from .config import TEXT_ENCODER_TARGET_SETS, UNET_TARGET_SETS, TrainConfig, from_dict, resolve
     import json
 
     base = None
@@ -135,6 +143,11 @@ def config_from_args(args: argparse.Namespace):
     for flag, (field, value) in TRAIN_SWITCHES.items():
         if getattr(args, flag):
             overrides[field] = value
+    if args.unet_targets:
+        overrides["unet_targets"] = _target_set(args.unet_targets, UNET_TARGET_SETS, "unet_targets")
+    if args.text_encoder_targets:
+        overrides["text_encoder_targets"] = _target_set(args.text_encoder_targets, TEXT_ENCODER_TARGET_SETS,
+                                                        "text_encoder_targets")
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -142,6 +155,17 @@ def config_from_args(args: argparse.Namespace):
                                field="set")
         overrides[key.strip()] = value.strip()
     return resolve(args.preset, overrides, base=base or TrainConfig())
+
+
+def _target_set(text: str, sets: dict[str, tuple[str, ...]], field: str) -> list[str]:
+    """'cross-attn,ff' -> the module suffixes of those named sets, in order, without repeats."""
+    out: list[str] = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        if name not in sets:
+            raise TrainerError(f"--{field.replace('_', '-')} {name!r} is not one of {', '.join(sets)}; combine "
+                               "them with commas (or give module names with --set).", field=field)
+        out += [m for m in sets[name] if m not in out]
+    return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:

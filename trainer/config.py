@@ -20,6 +20,18 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 # Module name suffixes (PEFT ``target_modules`` style, matched against full module paths).
 UNET_CROSS_ATTENTION = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 TEXT_ENCODER_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+# Named target sets (``--unet-targets cross-attn,ff`` / ``--text-encoder-targets all``), expanded to suffixes.
+UNET_SELF_ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
+UNET_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
+UNET_TARGET_SETS = {
+    "cross-attn": UNET_CROSS_ATTENTION,
+    "attn": UNET_SELF_ATTENTION + UNET_CROSS_ATTENTION,
+    "ff": UNET_FEED_FORWARD,
+    "all": UNET_SELF_ATTENTION + UNET_CROSS_ATTENTION + UNET_FEED_FORWARD + ("proj_in", "proj_out"),
+}
+TEXT_ENCODER_TARGET_SETS = {"attn": TEXT_ENCODER_ATTENTION, "all": TEXT_ENCODER_ATTENTION + ("mlp.fc1", "mlp.fc2")}
+# LoCon: the ResNet 3x3 convs, their 1x1 shortcuts and the down/up samplers, a group of its own (conv_rank).
+CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
 # Projector layers: modules that carry one modality's features into another's space (see network.lora.find_projectors).
 PROJECTOR_KINDS = ("encoder_hid_proj", "add_embedding", "text_projection")
 
@@ -112,6 +124,8 @@ class TrainConfig:
     alpha: float = _network(8.0, "scale = alpha / r; rank/2 is the common choice")
     train_unet: bool = _network(True)
     unet_targets: list[str] = _network(list(UNET_CROSS_ATTENTION))
+    conv_rank: int = _network(0, "LoCon: LoRA on the UNet's ResNet convs and samplers with this rank; 0 = off")
+    conv_alpha: float = _network(0.0, "0 = same as conv_rank")
     train_text_encoder: bool = _network(False)
     text_encoder_rank: int = _network(0, "0 = same as rank")
     text_encoder_alpha: float = _network(0.0, "0 = same as alpha")
@@ -194,6 +208,12 @@ class TrainConfig:
             e["text_encoder_rank"] = f"{self.text_encoder_rank} must be 0 (same as rank) or more."
         if self.text_encoder_alpha < 0:
             e["text_encoder_alpha"] = f"{self.text_encoder_alpha} must be 0 (same as alpha) or more."
+        if self.conv_rank < 0 or self.conv_alpha < 0:
+            e["conv_rank" if self.conv_rank < 0 else "conv_alpha"] = "must be 0 (off / same as conv_rank) or more."
+        both = sorted(set(self.unet_targets) & set(CONV_TARGETS)) if self.conv_rank else []
+        if both:
+            e["unet_targets"] = (f"lists conv modules ({', '.join(both)}) while conv_rank is set; leave convs to "
+                                 "the conv group or set conv_rank to 0.")
         if self.projector_rank < 0:
             e["projector_rank"] = f"{self.projector_rank} must be 0 (same as rank) or more."
         if self.projector_alpha < 0:

@@ -171,6 +171,8 @@ def _network_keys(config: TrainConfig) -> dict[str, Any]:
     args: dict[str, Any] = {}
     if config.train_text_encoder:
         args.update(text_encoder_dim=config.te_rank, text_encoder_alpha=float(config.te_alpha))
+    if config.conv_rank:   # kohya's LoCon arguments
+        args.update(conv_dim=config.conv_rank, conv_alpha=float(config.conv_alpha or config.conv_rank))
     if config.train_projector:
         args.update(projector_dim=config.proj_rank, projector_alpha=float(config.proj_alpha))
     return {

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import CONV_TARGETS, TrainConfig
 from ..errors import TrainerError
 from .kohya import adaptable_modules
 
@@ -115,9 +115,17 @@ def _projector_group(config: TrainConfig, components: dict[str, nn.Module]) -> T
     return TargetGroup("projectors", targets, config.proj_rank, float(config.proj_alpha), config.projector_lr)
 
 
+def _conv_group(config: TrainConfig, components: dict[str, nn.Module]) -> TargetGroup | None:
+    """LoCon: the UNet's ResNet convolutions and samplers, with their own rank and alpha."""
+    if not config.conv_rank:
+        return None
+    return TargetGroup("conv", {"unet": CONV_TARGETS}, config.conv_rank, float(config.conv_alpha or config.conv_rank),
+                       config.learning_rate)
+
+
 # Group builders, in order; each returns None when its group is off. A new group is one more builder.
 GROUP_BUILDERS: tuple[Callable[[TrainConfig, dict[str, nn.Module]], TargetGroup | None], ...] = (
-    _unet_group, _text_encoder_group, _projector_group)
+    _unet_group, _conv_group, _text_encoder_group, _projector_group)
 
 
 def groups_from_config(config: TrainConfig, components: dict[str, nn.Module]) -> list[TargetGroup]:
