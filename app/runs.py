@@ -15,7 +15,8 @@ from trainer import config as tconfig
 from trainer.errors import ConfigError, TrainerError
 from trainer.fileio import atomic_write_text
 
-from app.jobs import JobManager
+from app.runner import read_status
+from app.scheduler import JobQueue
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_ZIP_BYTES = 4 << 30
@@ -26,12 +27,14 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 class RunsMixin:
     """Run folders and datasets. State: ``outputs`` (the folder holding every run), ``jobs`` (the running job
-    names the default run), ``default_model`` and ``_renderers`` (a loaded model already knows its size)."""
+    names the default run; with the queue, each run's state), ``default_model`` and ``_renderers`` (a loaded
+    model already knows its size)."""
 
     outputs: Path
-    jobs: JobManager
+    jobs: JobQueue
     default_model: str
     _renderers: dict[str, Any]
+    _record: Any                       # Service._record: a run's record snapshot
 
     def run_dir(self, run: str) -> Path:
         run = (run or "").strip()
@@ -50,6 +53,37 @@ class RunsMixin:
         if snap.run and snap.state != "idle":
             return snap.run
         return next(iter(self.runs()), "my-lora")
+
+    def run_choices(self) -> list[tuple[str, str]]:
+        """(label, run) per run folder for the picker, the label saying its state: "my-lora — training 120/300",
+        "— queued, 1 ahead", "— interrupted at 80", "— stopped at 120", "— finished"."""
+        overview = self.jobs.overview()
+        out = []
+        for name in self.runs():
+            state = self.run_state(name, overview)
+            out.append((f"{name} — {state}" if state else name, name))
+        return out
+
+    def run_state(self, run: str, overview: Any = None) -> str:
+        """The state part of ``run``'s picker label ("" for a run that never trained)."""
+        overview = overview or self.jobs.overview()
+        cur = overview.current
+        if cur.run == run and cur.active:
+            return f"{'training' if cur.state == 'running' else cur.state} {cur.step}/{cur.total_steps or '?'}"
+        ahead = overview.ahead(run)
+        if ahead is not None:
+            return f"queued, {ahead} ahead"
+        status = read_status(self.run_dir(run))
+        if status is None:
+            own = self.jobs.last(run)
+            return own.state if own is not None and own.state != "idle" else ""
+        state, step, total = status.get("state"), status.get("step") or 0, status.get("total_steps") or "?"
+        if state == "running":
+            return f"training {step}/{total}"
+        if state == "interrupted":   # status.json's step may trail the last step of events.jsonl by a second
+            record = self._record(run)
+            return f"interrupted at {record.step if record is not None else step}"
+        return f"{state} at {step}" if state in ("stopped", "failed") else str(state)
 
     # -- dataset ----------------------------------------------------------------------------
     def dataset_dir(self, run: str) -> Path:

@@ -1,5 +1,6 @@
-"""Step 2, Train: a form generated from TrainConfig (presets fill every field), Start/Stop, and live
-progress (bar, loss chart, samples, log) polled from the service's job so a reload reattaches.
+"""Step 2, Train: a form generated from TrainConfig (presets fill every field), Start (or queue) / Stop /
+Resume, the queue, and live progress (bar, loss chart, samples, log) polled from the service, so a reload or a
+restarted UI reattaches (drawing: app/train_view.py).
 """
 from __future__ import annotations
 
@@ -8,24 +9,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
-from app.common import fmt_seconds, guard, label, notice
+from app.common import guard, label, notice
 from app.service import FieldSpec, JobSnapshot, Service, TrainerError
+from app.train_view import CHART_HELP, SERIES_COLOURS, loss_frame, progress_html, queue_html
 
 # Fields shown up front, in this order; every other field goes to the Advanced accordion by section.
 ESSENTIALS = ("rank", "alpha", "learning_rate", "text_encoder_lr", "max_train_steps", "epochs", "batch_size",
               "resolution", "seed")
 MODEL_SOURCES = ("Built-in demo model", "Local file or folder", "Hugging Face hub id")
-CHART_POINTS = 400
-# The chart's series, their legend names and colours: the noisy per-step loss light, its trend dark, and the
-# held-out loss in a contrasting hue (blue/orange stay apart for colour-blind eyes too).
-TRAIN_SERIES, AVG_SERIES, VAL_SERIES = "training loss", "running average", "validation loss"
-SERIES_COLOURS = {TRAIN_SERIES: "#a5b4fc", AVG_SERIES: "#3730a3", VAL_SERIES: "#ea580c"}
-CHART_HELP = ("The training loss jumps from step to step (each step draws its own noise); its running average "
-              "shows the trend. The validation loss is measured now and then on held-out images at fixed noise "
-              "(Advanced settings → Validation split), so its line starts at the second measurement: if it climbs "
-              "while the training loss keeps falling, the LoRA is memorising its images; train fewer steps.")
 
 
 @dataclass
@@ -81,14 +73,20 @@ class _Form:
 
 @dataclass
 class _Panel:
-    """The run controls and what they report: buttons, the notice line, progress, chart, samples, log."""
+    """The run controls and what they report: buttons, the notice line, progress, the queue (and its Remove),
+    chart, samples, log; ``seen`` is the page's last drawn view and queue."""
 
     start: gr.Button
     stop: gr.Button
+    resume: gr.Button
     sample_now: gr.Button
     save_now: gr.Button
     notice: gr.HTML
     progress: gr.HTML
+    queue: gr.HTML
+    queue_row: gr.Row
+    queue_pick: gr.Dropdown
+    queue_remove: gr.Button
     chart: gr.LinePlot
     samples: gr.Gallery
     log: gr.Textbox
@@ -130,50 +128,6 @@ def _scale_html(rank: Any, alpha: Any) -> str:
             "(16-32 typical); alpha/rank sets strength (0.5 common)</small></div>")
 
 
-def progress_html(s: JobSnapshot) -> str:
-    if s.state == "idle":
-        return notice("No training yet. Check the settings above, then press Start.", "info")
-    pct = 100.0 * s.step / s.total_steps if s.total_steps else 0.0
-    title = {"starting": "Starting (loading the data and the base model)…", "running": "Training",
-             "stopping": "Stopping after this step, then saving…", "finished": "Finished",
-             "stopped": "Stopped early (adapter saved)", "failed": "Failed"}[s.state]
-    loss = f"loss <b>{s.loss:.4f}</b> (avg {s.avg_loss:.4f})" if s.loss is not None else "loss –"
-    if s.validation:
-        step, value = s.validation[-1]
-        loss += f" · validation <b>{value:.4f}</b> " + (f"at step {step}" if step else "before training")
-    speed = f"<b>{s.it_per_s:.2f}</b> it/s" if s.it_per_s else "– it/s"
-    eta = f"ETA <b>{fmt_seconds(s.eta_s)}</b>" if s.active else f"took {fmt_seconds(s.seconds)}"
-    parts = [f'<div class="progress-card state-{s.state}" data-state="{s.state}" data-step="{s.step}">',
-             f'<div class="progress-head"><span>{title} — run <b>{html.escape(s.run)}</b></span>'
-             f'<span class="progress-steps">step <b>{s.step}</b> / {s.total_steps or "?"}</span></div>',
-             f'<div class="bar"><div class="fill" style="width:{pct:.1f}%"></div></div>',
-             f'<div class="progress-stats">{loss} · {speed} · {eta} · epoch {s.epoch + 1}</div></div>']
-    if s.state in ("finished", "stopped") and s.result:
-        parts.append(notice(f"Adapter saved: {s.result}\nTry it on the Preview tab, or download it on the "
-                            "Export tab.", "ok"))
-    if s.state == "failed":
-        parts.append(notice(s.error or "Training failed; see the log below.", "error"))
-    return "".join(parts)
-
-
-def loss_frame(s: JobSnapshot) -> pd.DataFrame | None:
-    """The chart's data: loss and its running average per step, and the validation loss when the run has
-    held-out images (None before the first step: Gradio's LinePlot keeps an empty colour legend forever when
-    its first frame has no rows). Series are named as the legend shows them (``SERIES_COLOURS``)."""
-    hist = s.history
-    if not hist:
-        return None
-    if len(hist) > CHART_POINTS:  # keep the chart light: evenly spaced points, always the last one
-        stride = len(hist) / CHART_POINTS
-        hist = tuple(hist[int(i * stride)] for i in range(CHART_POINTS)) + (hist[-1],)
-    val = s.validation
-    return pd.DataFrame({
-        "step": pd.Series([h[0] for h in hist] * 2 + [v[0] for v in val], dtype="int64"),
-        "loss": pd.Series([h[1] for h in hist] + [h[2] for h in hist] + [v[1] for v in val], dtype="float64"),
-        "series": pd.Series([TRAIN_SERIES] * len(hist) + [AVG_SERIES] * len(hist) + [VAL_SERIES] * len(val),
-                            dtype="str")})
-
-
 def build(service: Service, run: gr.Dropdown, trigger: gr.Textbox) -> TrainTab:
     specs = {s.name: s for s in service.fields()}
     presets = service.presets()
@@ -192,7 +146,7 @@ def build(service: Service, run: gr.Dropdown, trigger: gr.Textbox) -> TrainTab:
     _wire_settings(service, form, run, preset, source, scale)
     _wire_training(service, form, run, advanced, advanced_fields, panel)
     _wire_save_preset(service, form, preset, preset_name, preset_desc, save_preset, panel.notice)
-    _wire_progress(service, panel)
+    _wire_progress(service, run, panel)
     return TrainTab(fields=form.fields, names=form.names, progress=panel.progress, timer=panel.timer, preset=preset)
 
 
@@ -275,10 +229,15 @@ def _run_panel() -> _Panel:
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="start-btn", scale=3)
         stop = gr.Button("Stop", variant="stop", elem_id="stop-btn", interactive=False, scale=1)
+        resume = gr.Button("Resume", variant="secondary", elem_id="resume-btn", visible=False, scale=1)
         sample_now = gr.Button("Sample now", size="sm", scale=1)
         save_now = gr.Button("Save now", size="sm", scale=1)
     form_notice = gr.HTML(elem_id="train-notice")
     progress = gr.HTML(progress_html(JobSnapshot()), elem_id="train-progress")
+    queue = gr.HTML(elem_id="train-queue")
+    with gr.Row(visible=False, equal_height=True, elem_id="queue-row") as queue_row:
+        queue_pick = gr.Dropdown([], label="Queued run", elem_id="queue-pick", scale=3)
+        queue_remove = gr.Button("Remove from queue", size="sm", elem_id="queue-remove-btn", scale=1)
     with gr.Row(equal_height=True):
         with gr.Column(scale=3):
             chart = gr.LinePlot(None, x="step", y="loss", color="series", color_title="", label="Loss",
@@ -290,8 +249,9 @@ def _run_panel() -> _Panel:
                              scale=2)
     log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
     timer = gr.Timer(1.0)
-    seen = gr.State(-1)
-    return _Panel(start, stop, sample_now, save_now, form_notice, progress, chart, samples, log, timer, seen)
+    seen = gr.State({})
+    return _Panel(start, stop, resume, sample_now, save_now, form_notice, progress, queue, queue_row, queue_pick,
+                  queue_remove, chart, samples, log, timer, seen)
 
 
 # -- wiring ----------------------------------------------------------------------------------
@@ -328,8 +288,8 @@ def _wire_settings(service: Service, form: _Form, run: gr.Dropdown, preset: gr.D
 
 def _wire_training(service: Service, form: _Form, run: gr.Dropdown, advanced: gr.Accordion,
                    advanced_fields: set[str], panel: _Panel) -> None:
-    """Start (the form is checked first: errors show on their fields, and open Advanced when one is there),
-    Stop, and sample/save requests to the running job."""
+    """Start or queue (the form is checked first: errors show on their fields, and open Advanced when one is
+    there), Stop, Resume, sample/save requests to the running job, and Remove from the queue."""
 
     @guard
     def on_start(run_name: str, *values):
@@ -344,12 +304,26 @@ def _wire_training(service: Service, form: _Form, run: gr.Dropdown, advanced: gr
         except TrainerError as err:  # shown inline (and as a toast); raising would mark every field red
             gr.Warning(str(err), title="Not started")
             return [notice(str(err), "error"), gr.skip(), *updates]
+        ahead = service.jobs.position(run_name)
+        if ahead is not None:
+            return [notice(f"Queued run '{run_name}', {ahead} ahead: it starts when the run(s) before it end.",
+                           "info"), gr.skip(), *updates]
         return [notice(f"Started: {config.output_dir}", "ok"), gr.skip(), *updates]
 
-    def on_stop():
-        stopped = service.jobs.stop()
-        return notice("Stopping after the current step; the adapter will still be saved." if stopped
-                      else "No training is running.", "warn" if stopped else "info")
+    def on_resume(run_name: str):
+        try:
+            service.resume(run_name)
+        except TrainerError as err:
+            return notice(str(err), "error")
+        ahead = service.jobs.position(run_name)
+        if ahead is not None:
+            return notice(f"Queued the resume of '{run_name}', {ahead} ahead.", "info")
+        return notice(f"Resuming '{run_name}' from its newest checkpoint.", "ok")
+
+    def on_stop(run_name: str):
+        stopped = service.stop(service.job_view(run_name)[0].run)   # the run the page shows
+        return notice("Stopping after the current step; a checkpoint and the adapter will still be saved."
+                      if stopped else "No training is running.", "warn" if stopped else "info")
 
     def on_request(what: str):
         def handler():
@@ -358,11 +332,18 @@ def _wire_training(service: Service, form: _Form, run: gr.Dropdown, advanced: gr
                           "info")
         return handler
 
+    def on_remove(queued: str | None):
+        if queued and service.jobs.remove(queued):
+            return notice(f"Removed '{queued}' from the queue.", "info")
+        return notice(f"'{queued or ''}' is not in the queue (it may have started already).", "warn")
+
     panel.start.click(on_start, [run, *form.inputs], [panel.notice, advanced, *form.inputs],
                       concurrency_id="train-start", concurrency_limit=1)
-    panel.stop.click(on_stop, None, [panel.notice])
+    panel.resume.click(on_resume, [run], [panel.notice], concurrency_id="train-start", concurrency_limit=1)
+    panel.stop.click(on_stop, [run], [panel.notice])
     panel.sample_now.click(on_request("sample"), None, [panel.notice])
     panel.save_now.click(on_request("save"), None, [panel.notice])
+    panel.queue_remove.click(on_remove, [panel.queue_pick], [panel.notice])
 
 
 def _wire_save_preset(service: Service, form: _Form, preset: gr.Dropdown, preset_name: gr.Textbox,
@@ -379,15 +360,32 @@ def _wire_save_preset(service: Service, form: _Form, preset: gr.Dropdown, preset
     save_preset.click(on_save_preset, [preset_name, preset_desc, *form.inputs], [form_notice, preset])
 
 
-def _wire_progress(service: Service, panel: _Panel) -> None:
-    """Every second, show the job's latest snapshot (only when it changed)."""
+def _wire_progress(service: Service, run: gr.Dropdown, panel: _Panel) -> None:
+    """Every second (and when the picked run changes), show what ``Service.job_view`` gives for the picked run
+    and the queue; each part is redrawn only when it changed."""
+    outputs = [panel.seen, panel.progress, panel.chart, panel.samples, panel.log, panel.stop, panel.resume,
+               panel.start, panel.queue, panel.queue_row, panel.queue_pick]
 
-    def on_tick(last: int):
-        s = service.jobs.snapshot()
-        if s.version == last:
-            return [gr.skip()] * 7
-        return [s.version, progress_html(s), loss_frame(s), list(s.samples), "\n".join(s.logs),
-                gr.update(interactive=not s.active), gr.update(interactive=s.active)]
+    def on_tick(seen: dict, run_name: str):
+        s, o = service.job_view(run_name)
+        view, names = f"{s.run}|{s.version}", [q.run for q in o.queue]
+        now = {"view": view, "overview": o.version, "queue": names}
+        out: list[Any] = [now]
+        if view != seen.get("view"):
+            current = o.current.active and o.current.run == s.run
+            out += [progress_html(s), loss_frame(s), list(s.samples), "\n".join(s.logs),
+                    gr.update(interactive=s.active), gr.update(visible=s.resumable and not current)]
+        else:
+            out += [gr.skip()] * 6
+        if o.version != seen.get("overview"):
+            out += [gr.update(value="Add to queue" if o.current.active else "Start training"), queue_html(o)]
+        else:
+            out += [gr.skip()] * 2
+        if names != seen.get("queue"):
+            out += [gr.update(visible=bool(names)), gr.update(choices=names, value=names[0] if names else None)]
+        else:
+            out += [gr.skip()] * 2
+        return out
 
-    panel.timer.tick(on_tick, [panel.seen], [panel.seen, panel.progress, panel.chart, panel.samples, panel.log,
-                                             panel.start, panel.stop], show_progress="hidden", queue=False)
+    panel.timer.tick(on_tick, [panel.seen, run], outputs, show_progress="hidden", queue=False)
+    run.change(on_tick, [panel.seen, run], outputs, show_progress="hidden", queue=False)

@@ -41,6 +41,10 @@ CSS = """
 .state-finished .fill { background: #16a34a; }
 .state-failed .fill { background: #dc2626; }
 .state-stopped .fill, .state-stopping .fill { background: #d97706; }
+.state-interrupted .fill { background: #b45309; }
+.queue-card { border: 1px dashed var(--border-color-primary); border-radius: 10px; padding: 8px 14px; margin-top: 6px; }
+.queue-list { margin: 4px 0 0 1.2em; }
+.queue-note { font-size: 0.85em; color: var(--body-text-color-subdued); }
 .progress-stats { margin-top: 6px; font-size: 0.92em; color: var(--body-text-color-subdued); }
 .where code { word-break: break-all; }
 .upscale img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }
@@ -65,7 +69,7 @@ def build_app(service: Service) -> gr.Blocks:
                     "**1** add images → **2** train → **3** preview → **4** blend → **5** export.",
                     elem_id="app-title")
         with gr.Row(equal_height=True):
-            run = gr.Dropdown(service.runs(), value=None, allow_custom_value=True, label="Run", scale=2,
+            run = gr.Dropdown(service.run_choices(), value=None, allow_custom_value=True, label="Run", scale=2,
                               elem_id="run-name", info=f"A folder under {service.outputs}; type a new name to "
                                                         "start a new run.")
             run_notice = gr.HTML(elem_id="run-notice")
@@ -91,8 +95,19 @@ def build_app(service: Service) -> gr.Blocks:
             where = service.run_dir(name)
             return notice(f"Run folder: {where}", "info"), items, report
 
+        def jobs_signature() -> str:
+            o = service.jobs.overview()
+            return repr((o.current.run, o.current.state, [q.run for q in o.queue]))
+
         def on_load():
-            return gr.update(choices=service.runs(), value=service.default_run())
+            return gr.update(choices=service.run_choices(), value=service.default_run()), jobs_signature()
+
+        def on_focus():  # each run's state, fresh whenever the picker is opened
+            return gr.update(choices=service.run_choices())
+
+        def on_jobs_tick(seen: str):  # ... and when a run starts, ends or queues (not every step: typing goes on)
+            now = jobs_signature()
+            return (gr.skip(), gr.skip()) if now == seen else (now, gr.update(choices=service.run_choices()))
 
         def adapter_lists(*current: str):
             choices = service.adapters()
@@ -108,7 +123,10 @@ def build_app(service: Service) -> gr.Blocks:
 
         run.change(on_run, [run, ds.trigger, *(tr.fields[n] for n in ("resolution", "model", "caption_extension"))],
                    [run_notice, ds.items, ds.report])
-        demo.load(on_load, None, [run])
+        jobs_seen = gr.State("")
+        demo.load(on_load, None, [run, jobs_seen])
+        run.focus(on_focus, None, [run], show_progress="hidden", queue=False)
+        tr.timer.tick(on_jobs_tick, [jobs_seen], [jobs_seen, run], show_progress="hidden", queue=False)
         preview_tab.select(adapter_lists, [pv.adapter], [pv.adapter], show_progress="hidden")
         export_tab.select(adapter_lists, [ex.adapter], [ex.adapter], show_progress="hidden")
         blend_tab.select(blend_lists, bl.adapters, bl.adapters, show_progress="hidden")

@@ -1,7 +1,8 @@
 """End to end in headless Chromium: dataset upload and caption edit (with the report's buckets), the tag shuffle
-preview, training to the end and a stopped run, preview at strengths 0 and 1, blending, downloading the export,
-and a run with held-out images drawing its validation loss in the chart. Screenshots
-of each step go to ``screenshots/`` (git-ignored). The tests share one app and one page and run in file order.
+preview, training to the end, a stopped run and a second run queued behind it (and removed), preview at strengths
+0 and 1, blending, downloading the export, and a run with held-out images drawing its validation loss in the chart.
+Screenshots of each step go to ``screenshots/`` (git-ignored). The tests share one app and one page and run in file
+order.
 """
 from __future__ import annotations
 
@@ -277,7 +278,7 @@ def test_train_to_the_end_with_live_progress(app, page):
     shot(page, "03-trained")
 
 
-def test_stop_a_run_and_refuse_a_second_start(app, page, browser):
+def test_stop_a_run_and_queue_a_second(app, page, browser):
     tab(page, "1. Dataset")
     set_run(page, "e2e-stop")
     fill(page, "dataset-folder", str(app.data))
@@ -293,10 +294,21 @@ def test_stop_a_run_and_refuse_a_second_start(app, page, browser):
     other.goto(app.url)
     other.get_by_role("tab", name="2. Train").click()
     other.wait_for_selector("#train-progress [data-state=running]", timeout=60_000)
-    other.evaluate("document.querySelector('#start-btn').disabled = false")
-    other.click("#start-btn", force=True)
-    other.wait_for_selector("text=already in progress", timeout=30_000)
-    other.screenshot(path=str(SHOTS / "04-second-tab-refused.png"), full_page=False)
+    other.wait_for_selector("#train-queue >> text=Now training: e2e-stop")
+    choose(other, "run-name", "e2e — finished")                         # the picker says each run's state
+    other.wait_for_function("document.querySelector('#run-notice')?.innerText.trim().endsWith('/e2e')")
+    other.wait_for_selector("#train-progress [data-state=finished][data-run=e2e]")
+    assert other.inner_text("#start-btn") == "Add to queue"
+    other.click("#start-btn")                                           # while e2e-stop trains: queued
+    other.wait_for_selector("#train-notice >> text=Queued run 'e2e', 1 ahead")
+    other.wait_for_selector("#train-queue li[data-run=e2e] >> text=queued, 1 ahead")
+    assert [q.run for q in app.service.jobs.queued()] == ["e2e"] and app.service.jobs.snapshot().run == "e2e-stop"
+    other.screenshot(path=str(SHOTS / "04-second-tab-queued.png"), full_page=False)
+    assert other.input_value("#queue-pick input") == "e2e"
+    other.click("#queue-remove-btn")
+    other.wait_for_selector("#train-notice >> text=Removed 'e2e' from the queue")
+    other.wait_for_selector("#train-queue li", state="detached")
+    assert app.service.jobs.queued() == []
     other.close()
 
     page.click("#stop-btn")
