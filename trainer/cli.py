@@ -22,7 +22,7 @@ TRAIN_FLAGS = {
     "epochs": "epochs", "lr": "learning_rate", "batch_size": "batch_size",
     "mixed_precision": "mixed_precision", "text_encoder_lr": "text_encoder_lr",
     "projector_rank": "projector_rank", "projector_alpha": "projector_alpha", "projector_lr": "projector_lr",
-    "cache_dir": "cache_dir", "conv_rank": "conv_rank", "conv_alpha": "conv_alpha",
+    "cache_dir": "cache_dir", "conv_rank": "conv_rank", "conv_alpha": "conv_alpha", "network": "network",
     "checkpoint_every": "checkpoint_every_n_steps", "keep_checkpoints": "keep_checkpoints",
 }
 # switch flag -> (TrainConfig field, value it sets); an absent switch leaves the preset/config value
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int)
     t.add_argument("--rank", type=int, help="LoRA rank r")
     t.add_argument("--alpha", type=float, help="LoRA alpha; scale = alpha / rank")
+    t.add_argument("--network", choices=["lora", "dora", "loha", "lokr"], help="network type for every group: lora, "
+                   "dora (+ magnitude), loha (Hadamard), lokr (Kronecker); diffusers loads lora/dora only")
     t.add_argument("--lr", type=float, help="UNet learning rate")
     t.add_argument("--text-encoder-lr", type=float)
     t.add_argument("--batch-size", type=int)

@@ -34,6 +34,8 @@ TEXT_ENCODER_TARGET_SETS = {"attn": TEXT_ENCODER_ATTENTION, "all": TEXT_ENCODER_
 CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
 # Projector layers: modules that carry one modality's features into another's space (see network.lora.find_projectors).
 PROJECTOR_KINDS = ("encoder_hid_proj", "add_embedding", "text_projection")
+# Network types, all built by PEFT (LoraConfig, LoraConfig(use_dora=True), LoHaConfig, LoKrConfig); see network.lora.
+NETWORK_TYPES = ("lora", "dora", "loha", "lokr")
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
@@ -122,6 +124,11 @@ class TrainConfig:
     # --- network ----------------------------------------------------------------------
     rank: int = _network(16, "LoRA rank r (16-32 typical for characters and styles)")
     alpha: float = _network(8.0, "scale = alpha / r; rank/2 is the common choice")
+    network: str = _network("lora", "lora; dora (LoRA + a learned magnitude per output channel); loha (Hadamard "
+                            "product of two rank-r pairs); lokr (Kronecker product; rank r only where a factor is "
+                            "large). Every group uses it; diffusers loads lora/dora only", choices=NETWORK_TYPES)
+    use_rslora: bool = _network(False, "rank-stabilised LoRA: scale = alpha / sqrt(r) (lora/dora); the file's "
+                                       "alpha is rescaled so every tool applies the same scale")
     train_unet: bool = _network(True)
     unet_targets: list[str] = _network(list(UNET_CROSS_ATTENTION))
     conv_rank: int = _network(0, "LoCon: LoRA on the UNet's ResNet convs and samplers with this rank; 0 = off")
@@ -214,6 +221,12 @@ class TrainConfig:
         if both:
             e["unet_targets"] = (f"lists conv modules ({', '.join(both)}) while conv_rank is set; leave convs to "
                                  "the conv group or set conv_rank to 0.")
+        if self.use_rslora and self.network in ("loha", "lokr"):
+            e["use_rslora"] = (f"rank-stabilised scaling is for lora/dora, not {self.network}; turn use_rslora off "
+                               "or pick network lora or dora.")
+        if self.export_diffusers and self.network in ("loha", "lokr"):
+            e["export_diffusers"] = (f"diffusers cannot load {self.network} networks (LoRA/DoRA only); turn "
+                                     "export_diffusers off, or pick network lora or dora.")
         if self.projector_rank < 0:
             e["projector_rank"] = f"{self.projector_rank} must be 0 (same as rank) or more."
         if self.projector_alpha < 0:

@@ -3,6 +3,7 @@ fit) and applying them as PEFT adapters: live strengths (``set_weights``), sever
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,21 +14,25 @@ from torch import nn
 
 from ..errors import TrainerError
 from ..network.kohya import kohya_name, module_name_map
-from ..network.lora import delete_adapter, inject_peft, lora_config_for, lora_modules, set_active
+from ..network.layers import adapters_of, tuner_layers
+from ..network.lora import delete_adapter, inject_peft, lora_modules, peft_config_for, set_active
+from .parts import KNOWN_PARTS, load_module, module_from_parts, module_kind, module_rank_alpha, module_shape, part_name
 
 _PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_MAGNITUDE = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")   # DoRA in PEFT files
 _LYCORIS = ("hada_", "lokr_", "dora_scale", "diff", "oft_", "w_norm", "b_norm")   # kohya-named parts
 
 
 @dataclass
 class LoraFile:
-    """A LoRA read from disk; ``modules`` maps kohya module name -> {"down", "up", "alpha"}."""
+    """A LoRA/LyCORIS file read from disk; ``modules`` maps kohya module name -> {"down", "up", "alpha"} for
+    LoRA/LoCon (+ "dora_scale" for DoRA), {"kind", "parts", "r", "alpha"} for LoHa/LoKr."""
 
     path: Path
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
-    modules: dict[str, dict] = field(default_factory=dict)
-    unsupported: list[str] = field(default_factory=list)   # keys we cannot apply (LyCORIS, DoRA, ...)
+    modules: dict[str, dict] = field(default_factory=dict)  # see parts.module_from_parts (LoRA/DoRA/LoHa/LoKr)
+    unsupported: list[str] = field(default_factory=list)   # keys we cannot apply (OFT, per-input DoRA, ...)
     format: str = "kohya"                                   # "kohya" | "peft"
 
 
@@ -47,29 +52,21 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _parse_kohya(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict], list[str]]:
-    parts: dict[str, dict] = {}
+    """kohya/LyCORIS-named tensors -> modules (``parts.module_from_parts``) and the keys no module uses."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     unsupported = []
     for key, t in tensors.items():
         name, _, part = key.partition(".")
-        if part in ("lora_down.weight", "lora_A.weight"):
-            parts.setdefault(name, {})["down"] = t
-        elif part in ("lora_up.weight", "lora_B.weight"):
-            parts.setdefault(name, {})["up"] = t
-        elif part == "alpha":
-            parts.setdefault(name, {})["alpha"] = float(t.float().item())
-        elif part == "lora_mid.weight":     # LoCon's Tucker core, folded into down below
-            parts.setdefault(name, {})["mid"] = t
+        if part_name(part) in KNOWN_PARTS:
+            parts.setdefault(name, {})[part_name(part)] = t
         else:
             unsupported.append(key)
     modules = {}
     for name, p in parts.items():
-        if "down" in p and "up" in p:
-            down = p["down"]
-            if "mid" in p:   # down'[i, c, k, l] = sum_j mid[i, j, k, l] down[j, c]
-                down = torch.einsum("ijkl,jc->ickl", p["mid"].float(), down.float().flatten(1)).to(down.dtype)
-            modules[name] = {"down": down, "up": p["up"], "alpha": p.get("alpha", float(p["down"].shape[0]))}
-        else:
-            unsupported += [f"{name}.{k}" for k in p]
+        module, unused = module_from_parts(p)
+        if module is not None:
+            modules[name] = module
+        unsupported += [f"{name}.{k}" for k in unused]
     return modules, unsupported
 
 
@@ -99,9 +96,10 @@ def _peft_to_modules(tensors: dict[str, torch.Tensor], metadata: dict[str, str])
             sd = convert_state_dict_to_peft(sd)
         alpha_default = meta.get(f"{component}.lora_alpha")
         alpha_pattern = meta.get(f"{component}.alpha_pattern") or {}
+        rslora = bool(meta.get(f"{component}.use_rslora"))   # PEFT scale alpha / sqrt(r): kohya alpha * sqrt(r)
         for key, down in sd.items():
             if not key.endswith(".lora_A.weight"):
-                if not key.endswith((".lora_B.weight", ".alpha")):
+                if not key.endswith((".lora_B.weight", ".alpha") + _MAGNITUDE):
                     unsupported.append(f"{component}.{key}")
                 continue
             path = key[: -len(".lora_A.weight")]
@@ -114,7 +112,7 @@ def _peft_to_modules(tensors: dict[str, torch.Tensor], metadata: dict[str, str])
                 alpha = float(sd[f"{path}.alpha"].item())
             elif alpha_default is not None:
                 pat = get_pattern_key(list(alpha_pattern), path)
-                alpha = float(alpha_pattern.get(pat, alpha_default))
+                alpha = float(alpha_pattern.get(pat, alpha_default)) * (math.sqrt(rank) if rslora else 1.0)
             else:
                 alpha = float(rank)   # no alpha stored: the diffusers/PEFT convention is scale 1
             try:
@@ -122,6 +120,9 @@ def _peft_to_modules(tensors: dict[str, torch.Tensor], metadata: dict[str, str])
             except TrainerError:    # not an SGM-mappable path: keep the diffusers-layout kohya name
                 name = "lora_unet_" + path.replace(".", "_")
             modules[name] = {"down": down, "up": up, "alpha": alpha}
+            magnitude = next((sd[path + m] for m in _MAGNITUDE if path + m in sd), None)
+            if magnitude is not None:   # DoRA: PEFT's magnitude per output channel, in kohya's [out, 1(, 1, 1)]
+                modules[name]["dora_scale"] = magnitude.reshape(up.shape[0], *[1] * (down.dim() - 1))
     return modules, unsupported
 
 
@@ -138,7 +139,8 @@ def read_lora_file(path: str | Path) -> LoraFile:
         fmt = "kohya"
     if not modules:
         lycoris = any(k.startswith("lora_") and k.partition(".")[2].startswith(_LYCORIS) for k in tensors)
-        kind = ("a LyCORIS/DoRA network (LoHa, LoKr, ...), which this tool cannot apply" if lycoris else
+        kind = ("a LyCORIS network this tool cannot apply (incomplete LoHa/LoKr/DoRA parts, or OFT, GLoRA, full "
+                "diffs, ...)" if lycoris else
                 "not a LoRA (no lora_down/lora_up tensors; a full model checkpoint or an embedding?)")
         sample = ", ".join(list(tensors)[:3]) or "no tensors"
         raise TrainerError(f"File '{path.name}' is {kind}; its keys look like: {sample}. Pick a LoRA file.",
@@ -230,17 +232,8 @@ def base_layer(components: dict[str, nn.Module], target: tuple[str, str]) -> nn.
 
 
 def lora_shapes(lora: LoraFile) -> dict[str, tuple[int, ...]]:
-    """kohya name -> the weight shape each LoRA module changes."""
-    return {n: (int(m["up"].shape[0]), *m["down"].shape[1:]) for n, m in lora.modules.items()}
-
-
-def _fit(down: torch.Tensor, up: torch.Tensor, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reshape kohya factors (which ``shapes_fit``) to the PEFT shapes of ``base`` (Linear/Conv2d)."""
-    w = base.weight
-    r = down.shape[0]
-    if isinstance(base, nn.Linear):
-        return down.reshape(r, w.shape[1]), up.reshape(w.shape[0], r)
-    return down.reshape(r, *w.shape[1:]), up.reshape(w.shape[0], r, 1, 1)
+    """kohya name -> the weight shape each module changes (LoRA, DoRA, LoHa, LoKr)."""
+    return {n: module_shape(m) for n, m in lora.modules.items()}
 
 
 def _check_name(name: str) -> None:
@@ -251,33 +244,27 @@ def _check_name(name: str) -> None:
 
 def apply_adapter(components: dict[str, nn.Module], arch: str, lora: LoraFile | str | Path, name: str,
                   weight: float = 1.0) -> list[str]:
-    """Attach ``lora`` as adapter ``name`` at ``weight`` (other adapters stay as they are).
+    """Attach ``lora`` as adapter ``name`` at ``weight`` (other adapters stay as they are), each module through the
+    PEFT layer of its type: LoRA/LoCon and DoRA (LoraConfig), LoHa (LoHaConfig), LoKr (LoKrConfig).
 
     Returns what could not be placed (``Placement.unplaced``: module names this model lacks,
-    "<name> (shape mismatch: file [..] vs model [..])") and unsupported keys (LyCORIS/DoRA parts).
-    An existing adapter of that name is replaced.
+    "<name> (shape mismatch: file [..] vs model [..])") and unsupported keys (parts no PEFT layer holds: a
+    per-input-channel dora_scale, DoRA on LoHa/LoKr, OFT, ...). An existing adapter of that name is replaced.
     """
     _check_name(name)
     lora = lora if isinstance(lora, LoraFile) else read_lora_file(lora)
     delete_adapter(components, name)
     placement = place(components, arch, lora_shapes(lora))
-    placed: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
-    for kname, target in placement.targets.items():
-        m = lora.modules[kname]
-        down, up = _fit(m["down"], m["up"], base_layer(components, target))
-        placed[target] = (down, up, float(m["alpha"]))
-    per_component: dict[str, dict[str, tuple[int, float]]] = {}
-    for (component, path), (down, _, alpha) in placed.items():
-        per_component.setdefault(component, {})[path] = (int(down.shape[0]), alpha)
-    for component, paths in per_component.items():
-        config = lora_config_for(paths, init_lora_weights=False, inference_mode=True)
+    placed = {target: lora.modules[kname] for kname, target in placement.targets.items()}
+    per_config: dict[tuple[str, str], dict[str, tuple[int, float]]] = {}
+    for (component, path), module in placed.items():
+        per_config.setdefault((component, module_kind(module)), {})[path] = module_rank_alpha(module)
+    for (component, kind), paths in per_config.items():
+        config = peft_config_for(kind, paths, init=False, inference_mode=True)
         inject_peft(components[component], config, name)
     layers = lora_modules(components, name)
-    with torch.no_grad():
-        for (component, path), (down, up, _) in placed.items():
-            layer = layers[f"{component}.{path}"][1]
-            layer.lora_A[name].weight.copy_(down)
-            layer.lora_B[name].weight.copy_(up)
+    for (component, path), module in placed.items():
+        load_module(layers[f"{component}.{path}"][1], name, module, base_layer(components, (component, path)))
     if placed:
         set_weights(components, {name: weight})
     return placement.unplaced() + list(lora.unsupported)
@@ -285,27 +272,23 @@ def apply_adapter(components: dict[str, nn.Module], arch: str, lora: LoraFile | 
 
 def attached(components: dict[str, nn.Module]) -> list[str]:
     """Names of all adapters present in the components."""
-    from peft.tuners.lora import LoraLayer
-    return sorted({a for m in components.values() for layer in m.modules() if isinstance(layer, LoraLayer)
-                   for a in layer.lora_A})
+    return sorted({a for m in components.values() for layer in tuner_layers(m) for a in adapters_of(layer)})
 
 
 def set_weights(components: dict[str, nn.Module], weights: dict[str, float]) -> None:
     """Set adapter strengths instantly (scale = weight * alpha / r). 0 turns an adapter off (exact base);
     negative weights subtract it. Adapters not named keep their state."""
-    from peft.tuners.lora import LoraLayer
     present = attached(components)
     missing = sorted(set(weights) - set(present))
     if missing:
         raise TrainerError(f"Adapter(s) {', '.join(missing)} are not attached (attached: "
                            f"{', '.join(present) or 'none'}); apply the file first.", field="adapter")
     for model in components.values():
-        for layer in model.modules():
-            if not isinstance(layer, LoraLayer):
-                continue
+        for layer in tuner_layers(model):
             active = list(layer.active_adapters)
+            names = adapters_of(layer)
             for name, w in weights.items():
-                if name in layer.lora_A:
+                if name in names:
                     layer.set_scale(name, float(w))
                     active = [a for a in active if a != name] + ([name] if w != 0 else [])
             set_active(layer, active)

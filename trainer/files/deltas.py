@@ -183,7 +183,8 @@ def read_network_file(path: str | Path) -> NetworkFile:
     tensors, metadata = _load(path)
     if any(k.split(".", 1)[0] in _PEFT_COMPONENTS for k in tensors):
         lora, unknown = _peft_to_modules(tensors, metadata)
-        modules = {n: Net(n, {"lora_down.weight": m["down"], "lora_up.weight": m["up"]}, m["alpha"])
+        modules = {n: Net(n, {"lora_down.weight": m["down"], "lora_up.weight": m["up"],
+                              **({"dora_scale": m["dora_scale"]} if "dora_scale" in m else {})}, m["alpha"])
                    for n, m in lora.items()}
         fmt = "peft"
     else:

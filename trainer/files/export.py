@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -21,7 +22,9 @@ from ..config import TrainConfig
 from ..errors import TrainerError
 from ..fileio import atomic_write_bytes
 from ..network.kohya import kohya_name
+from ..network.layers import kind_of
 from ..network.lora import TargetGroup, groups_from_config, lora_modules
+from .parts import layer_parts
 
 GROUPS_KEY = "lora_trainer.target_groups"   # our own key: JSON list of the trained groups
 FORMAT_KEY = "lora_trainer.format"
@@ -33,6 +36,25 @@ PROJECTOR_NOTE = ("Projector modules (encoder_hid_proj, add_embedding/label_emb,
                   "(diffusers 0.42.1 skips encoder_hid_proj with an 'unexpected keys' warning, loads SDXL's "
                   "label_emb, but raises on text_projection). A <name>-portable.safetensors copy "
                   "(export_portable) leaves them out.")
+NETWORK_NOTE_KEY = "lora_trainer.network_note"
+# ss_network_args as LyCORIS (lycoris.kohya) writes them for each type; LoRA keeps kohya's networks.lora.
+NETWORK_ARGS: dict[str, dict[str, Any]] = {"dora": {"algo": "lora", "dora_wd": True, "wd_on_output": True},
+                                           "loha": {"algo": "loha"}, "lokr": {"algo": "lokr", "factor": -1}}
+_LYCORIS_NOTE = ("A1111 (its built-in Lora extension), ComfyUI and Forge load it; diffusers 0.42.1 cannot: "
+                 "load_lora_weights raises ValueError ('keys have not been correctly renamed'), and kohya "
+                 "sd-scripts' networks.lora does not know these keys.")
+NETWORK_NOTES = {
+    "loha": "LoHa in LyCORIS keys (hada_w1_a/hada_w1_b/hada_w2_a/hada_w2_b, alpha; dW = (w1a w1b) * (w2a w2b) "
+            "* alpha / r). " + _LYCORIS_NOTE,
+    "lokr": "LoKr in LyCORIS keys (lokr_w1 or lokr_w1_a/_b, lokr_w2 or lokr_w2_a/_b, alpha; dW = kron(w1, w2), "
+            "times alpha / r only where a factor is low-rank). " + _LYCORIS_NOTE,
+    "dora": "DoRA: LoRA keys plus dora_scale, the magnitude per output channel ([out, 1]; LyCORIS wd_on_output), "
+            "W' = dora_scale * (W + dW) / ||W + dW|| row by row. Read exactly by this trainer and LyCORIS. ComfyUI "
+            "and Forge read this layout but divide by ||W|| instead of ||W + dW|| (ComfyUI PR #15458), so the "
+            "effect is slightly off; A1111 reads dora_scale per input channel only and gets it wrong; diffusers "
+            "0.42.1 drops dora_scale with a warning and loads a plain LoRA. export_diffusers writes a PEFT-format "
+            "copy (lora_magnitude_vector) that diffusers loads exactly.",
+}
 # kohya names of projector modules: SD1/SD2 diffusers layout, SDXL SGM layout (label_emb) and text projections.
 _PROJECTOR_NAME = re.compile(r"^lora_(unet_(encoder_hid_proj|add_embedding|label_emb)|te[12]?_text_projection)(_|$)")
 _BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -42,16 +64,14 @@ _MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512
 
 def lora_state_dict(components: dict[str, nn.Module], arch: str, adapter_name: str = "default",
                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """kohya-format tensors of adapter ``adapter_name``: lora_down (A), lora_up (B), alpha (0-d, real alpha)."""
+    """kohya/LyCORIS-format tensors of adapter ``adapter_name``: for LoRA lora_down (A), lora_up (B) and alpha
+    (0-d, the real alpha); DoRA adds dora_scale, LoHa/LoKr write hada_*/lokr_* (see ``parts.layer_parts``)."""
     unet_config = getattr(components.get("unet"), "config", None)
     out: dict[str, torch.Tensor] = {}
     for key, (component, layer) in lora_modules(components, adapter_name).items():
         name = kohya_name(component, key[len(component) + 1:], arch, unet_config)
-        down = layer.lora_A[adapter_name].weight.detach()
-        up = layer.lora_B[adapter_name].weight.detach()
-        out[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
-        out[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha[adapter_name]), dtype=torch.float32)
+        for part, t in layer_parts(layer, adapter_name).items():
+            out[f"{name}.{part}"] = t if part == "alpha" else t.to("cpu", dtype).contiguous()
     if not out:
         raise TrainerError(f"No LoRA layers named '{adapter_name}' in the model; inject one before exporting.",
                            field="adapter")
@@ -165,18 +185,21 @@ def _groups_of(config: TrainConfig, arch: str) -> list[TargetGroup]:
 
 def _network_keys(config: TrainConfig) -> dict[str, Any]:
     """ss_network_*: the module, the headline dim/alpha (UNet's, else the text encoder's, else the projectors')
-    and the other groups' in ss_network_args."""
+    and the other groups' in ss_network_args; LyCORIS types as LyCORIS writes them, with a note on who loads them."""
     dim, alpha = ((config.rank, config.alpha) if config.train_unet else (config.te_rank, config.te_alpha)
                   if config.train_text_encoder else (config.proj_rank, config.proj_alpha))
-    args: dict[str, Any] = {}
+    args: dict[str, Any] = NETWORK_ARGS.get(config.network, {}).copy()
     if config.train_text_encoder:
         args.update(text_encoder_dim=config.te_rank, text_encoder_alpha=float(config.te_alpha))
     if config.conv_rank:   # kohya's LoCon arguments
         args.update(conv_dim=config.conv_rank, conv_alpha=float(config.conv_alpha or config.conv_rank))
     if config.train_projector:
         args.update(projector_dim=config.proj_rank, projector_alpha=float(config.proj_alpha))
-    return {
-        "ss_network_module": "networks.lora",
+    if config.use_rslora:   # the alpha tensors hold alpha * sqrt(rank), so every reader's alpha / rank is right
+        args.update(rslora=True, rslora_alpha=float(alpha))
+        alpha = float(alpha) * math.sqrt(dim)
+    keys = {
+        "ss_network_module": "networks.lora" if config.network == "lora" else "lycoris.kohya",
         "ss_network_dim": dim,
         "ss_network_alpha": float(alpha),
         "ss_network_args": json.dumps(args),
@@ -184,6 +207,9 @@ def _network_keys(config: TrainConfig) -> dict[str, Any]:
         "ss_network_train_text_encoder_only": config.train_text_encoder and not (config.train_unet
                                                                                  or config.train_projector),
     }
+    if config.network in NETWORK_NOTES:
+        keys[NETWORK_NOTE_KEY] = NETWORK_NOTES[config.network]
+    return keys
 
 
 def _base_model_keys(arch: str, v_pred: bool, base_name: str, resolution: int) -> dict[str, Any]:
@@ -315,20 +341,33 @@ def _peft_meta(layers: list[tuple[str, nn.Module]], adapter_name: str) -> dict[s
     alphas = {p: float(m.lora_alpha[adapter_name]) for p, m in layers}
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    return {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
+    meta = {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
             "rank_pattern": {p: v for p, v in ranks.items() if v != r},
             "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha}}
+    for flag in ("use_dora", "use_rslora"):   # one value per component: inject() gives every group the run's type
+        if any(getattr(m, flag).get(adapter_name, False) for _, m in layers):
+            meta[flag] = True
+    return meta
 
 
 def save_diffusers_format(path: str | Path, components: dict[str, nn.Module],
                           adapter_name: str = "default") -> Path:
-    """PEFT/diffusers keys (``unet.<path>.lora_A.weight``) with diffusers' ``lora_adapter_metadata``,
-    loadable by ``pipe.load_lora_weights``. fp32, atomic."""
+    """PEFT/diffusers keys (``unet.<path>.lora_A.weight``, DoRA's ``.lora_magnitude_vector.weight``) with diffusers'
+    ``lora_adapter_metadata``, loadable by ``pipe.load_lora_weights``. fp32, atomic. LoRA and DoRA only."""
     tensors: dict[str, torch.Tensor] = {}
     per_component: dict[str, list[tuple[str, nn.Module]]] = {}
     for key, (component, layer) in lora_modules(components, adapter_name).items():
+        kind = kind_of(layer, adapter_name)
+        if kind not in ("lora", "dora"):
+            raise TrainerError(f"diffusers cannot load {kind} networks, so there is no diffusers-format copy of "
+                               f"{component}.{key[len(component) + 1:]}; turn export_diffusers off (the kohya "
+                               "file is for A1111/ComfyUI).", field="export_diffusers")
         tensors[f"{key}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach().float().cpu().contiguous()
         tensors[f"{key}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach().float().cpu().contiguous()
+        if kind == "dora":
+            magnitude = layer.lora_magnitude_vector[adapter_name].weight
+            # ".weight": diffusers reads the UNet's magnitude either way, transformers (text encoders) only so
+            tensors[f"{key}.lora_magnitude_vector.weight"] = magnitude.detach().float().cpu().contiguous()
         per_component.setdefault(component, []).append((key[len(component) + 1:], layer))
     if not tensors:
         raise TrainerError(f"No LoRA layers named '{adapter_name}' in the model; inject one before exporting.",

@@ -30,7 +30,8 @@ MUST_MATCH = ("model", "arch", "prediction_type", "data_dir", "trigger_word", "c
               "max_bucket_reso", "bucket_no_upscale", "reg_data_dir", "validation_split", "validation_dir",
               "rank", "alpha", "train_unet", "unet_targets", "train_text_encoder", "text_encoder_rank",
               "text_encoder_alpha", "text_encoder_targets", "train_projector", "projector_rank", "projector_alpha",
-              "projector_targets", "batch_size", "gradient_accumulation_steps", "optimizer", "seed")
+              "projector_targets", "batch_size", "gradient_accumulation_steps", "optimizer", "seed",
+              "network", "use_rslora")
 
 
 @dataclass

@@ -1,26 +1,32 @@
-"""LoRA injection through PEFT: what to adapt (TargetGroup), where (suffix matching, projector discovery),
-how (LoraConfig). Each group has its own rank, alpha (scale = alpha / rank, independent of rank) and
-learning rate; LoRA weights stay fp32 while the frozen base may be cast to fp16/bf16 (``cast_frozen``)."""
+"""Network injection through PEFT: what to adapt (TargetGroup), where (suffix matching, projector discovery),
+how (LoraConfig for LoRA/DoRA, LoHaConfig, LoKrConfig). Each group has its own rank, alpha (scale = alpha / rank,
+independent of rank; alpha / sqrt(rank) with rsLoRA) and learning rate; adapter weights stay fp32 while the frozen
+base may be cast to fp16/bf16 (``cast_frozen``)."""
 from __future__ import annotations
 
 import difflib
 import re
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..config import CONV_TARGETS, TrainConfig
+from ..config import CONV_TARGETS, NETWORK_TYPES, TrainConfig
 from ..errors import TrainerError
 from .kohya import adaptable_modules
+from .layers import (adapter_parameters, adapters_of, cast_frozen, delete_adapter, lora_modules, presented, set_active,
+                     tuner_layers)
 
 if TYPE_CHECKING:
     from peft import LoraConfig
 
-_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+__all__ = ["TargetGroup", "groups_from_config", "describe_group", "find_projectors", "match_group", "exact_pattern",
+           "lora_config_for", "peft_config_for", "inject_peft", "inject", "lora_modules", "delete_adapter",
+           "set_active", "cast_frozen", "count_trainable"]
+NETWORK_LABELS = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class TargetGroup:
     rank: int
     alpha: float
     lr: float
+    network: str = "lora"                  # one of config.NETWORK_TYPES
+    use_rslora: bool = False               # lora/dora: scale = alpha / sqrt(rank)
 
 
 # --- groups from the config -------------------------------------------------------------
@@ -129,14 +137,17 @@ GROUP_BUILDERS: tuple[Callable[[TrainConfig, dict[str, nn.Module]], TargetGroup 
 
 
 def groups_from_config(config: TrainConfig, components: dict[str, nn.Module]) -> list[TargetGroup]:
-    """The target groups ``config`` asks for, in builder order; groups that are off are left out."""
-    return [g for build in GROUP_BUILDERS if (g := build(config, components)) is not None]
+    """The target groups ``config`` asks for, in builder order; groups that are off are left out. Every group
+    uses the run's network type (``config.network``, ``config.use_rslora``)."""
+    return [replace(g, network=config.network, use_rslora=config.use_rslora) for build in GROUP_BUILDERS
+            if (g := build(config, components)) is not None]
 
 
 def describe_group(group: TargetGroup) -> str:
-    """One log line: the group, its rank/alpha/lr and what it targets (projectors: the modules found)."""
+    """One log line: the group, its type, rank/alpha/lr and what it targets (projectors: the modules found)."""
     what = "; ".join(f"{c}: {', '.join(t)}" for c, t in group.targets.items())
-    return f"LoRA group '{group.name}' (rank {group.rank}, alpha {group.alpha:g}, lr {group.lr:g}) on {what}"
+    label = NETWORK_LABELS.get(group.network, group.network) + (" (rsLoRA)" if group.use_rslora else "")
+    return f"{label} group '{group.name}' (rank {group.rank}, alpha {group.alpha:g}, lr {group.lr:g}) on {what}"
 
 
 # --- matching -----------------------------------------------------------------------------
@@ -198,43 +209,63 @@ def lora_config_for(paths: dict[str, tuple[int, float]], **kwargs) -> LoraConfig
                       **kwargs)
 
 
-def _lora_layers(model: nn.Module) -> list[nn.Module]:
-    from peft.tuners.lora import LoraLayer
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+def peft_config_for(network: str, paths: dict[str, tuple[int, float]], *, use_rslora: bool = False,
+                    init: bool = True, inference_mode: bool = False):
+    """The PEFT config of ``network`` adapting exactly ``paths`` ({module_path: (rank, alpha)}).
+
+    ``init=True`` is PEFT's default init, whose weight change is zero (LoRA/DoRA: B = 0, DoRA's magnitude =
+    ||W||; LoHa: w2_b = 0; LoKr: w1 = 0). LoHa/LoKr convs use the flattened [out, in*k*k] form (no Tucker core),
+    the form A1111 and ComfyUI read without hada_t1/t2 or lokr_t2.
+    """
+    if network not in NETWORK_TYPES:
+        raise TrainerError(f"Network type {network!r} is not one of {', '.join(NETWORK_TYPES)}.", field="network")
+    if network in ("lora", "dora"):
+        return lora_config_for(paths, use_dora=network == "dora", use_rslora=use_rslora, init_lora_weights=init,
+                               inference_mode=inference_mode)
+    if use_rslora:
+        raise TrainerError(f"use_rslora is for lora/dora, not {network}; turn it off.", field="use_rslora")
+    from peft import LoHaConfig, LoKrConfig
+    r = Counter(ra[0] for ra in paths.values()).most_common(1)[0][0]
+    alpha = Counter(ra[1] for ra in paths.values()).most_common(1)[0][0]
+    kind = LoHaConfig if network == "loha" else LoKrConfig
+    return kind(r=r, alpha=alpha, target_modules=sorted(paths), init_weights=init, inference_mode=inference_mode,
+                rank_pattern={exact_pattern(p): ra[0] for p, ra in paths.items() if ra[0] != r},
+                alpha_pattern={exact_pattern(p): ra[1] for p, ra in paths.items() if ra[1] != alpha})
 
 
-def inject_peft(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
-    """peft.inject_adapter_in_model, keeping the other adapters' active state and requires_grad.
+def inject_peft(model: nn.Module, config, adapter_name: str) -> None:
+    """peft.inject_adapter_in_model (any network type), keeping the other adapters' active state and requires_grad.
 
     PEFT activates only the new adapter everywhere and re-flags grads; here every layer keeps
     its previously active adapters and gains ``adapter_name`` where it was added.
     """
     from peft import inject_adapter_in_model
-    before = {id(m): list(m.active_adapters) for m in _lora_layers(model)}
-    flags = [(p, p.requires_grad) for m in _lora_layers(model) for part in _LORA_PARTS
-             for p in getattr(m, part).parameters()]
+    layers = list(tuner_layers(model))
+    before = {id(m): list(m.active_adapters) for m in layers}
+    flags = [(p, p.requires_grad) for m in layers for a in adapters_of(m) for p in adapter_parameters(m, a)]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*peft_config.*attribute in the model.*")
-        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+        with presented(model, config):
+            inject_adapter_in_model(config, model, adapter_name=adapter_name)
     for p, flag in flags:
         p.requires_grad_(flag)
     new_flag = not config.inference_mode
-    for m in _lora_layers(model):
-        active = [a for a in before.get(id(m), []) if a in m.lora_A and a != adapter_name]
-        if adapter_name in m.lora_A:
-            for part in _LORA_PARTS:
-                container = getattr(m, part)
-                if adapter_name in container:
-                    container[adapter_name].requires_grad_(new_flag)
+    for m in tuner_layers(model):
+        names = adapters_of(m)
+        active = [a for a in before.get(id(m), []) if a in names and a != adapter_name]
+        if adapter_name in names:
+            for p in adapter_parameters(m, adapter_name):
+                p.requires_grad_(new_flag)
             active.append(adapter_name)
         set_active(m, active)
 
 
 def inject(components: dict[str, nn.Module], groups: Iterable[TargetGroup],
            adapter_name: str = "default") -> dict[str, list[nn.Parameter]]:
-    """Freeze everything, add LoRA ``adapter_name`` (B = 0: outputs unchanged) for each group.
+    """Freeze everything, add adapter ``adapter_name`` of each group's network type (PEFT's default init: the
+    weight change is zero, outputs unchanged) for each group.
 
-    Returns group name -> its trainable fp32 LoRA parameters (for per-group learning rates).
+    Returns group name -> its trainable fp32 adapter parameters (for per-group learning rates).
     """
     groups = list(groups)
     owner: dict[tuple[str, str], TargetGroup] = {}
@@ -252,84 +283,21 @@ def inject(components: dict[str, nn.Module], groups: Iterable[TargetGroup],
     for model in components.values():
         model.requires_grad_(False)
     delete_adapter(components, adapter_name)
-    per_component: dict[str, dict[str, tuple[int, float]]] = {}
+    per_config: dict[tuple[str, str, bool], dict[str, tuple[int, float]]] = {}
     for (component, path), group in owner.items():
-        per_component.setdefault(component, {})[path] = (group.rank, float(group.alpha))
-    for component, paths in per_component.items():
-        inject_peft(components[component], lora_config_for(paths, init_lora_weights=True), adapter_name)
+        key = (component, group.network, group.use_rslora)
+        per_config.setdefault(key, {})[path] = (group.rank, float(group.alpha))
+    for (component, network, rslora), paths in per_config.items():
+        inject_peft(components[component], peft_config_for(network, paths, use_rslora=rslora), adapter_name)
     layers = lora_modules(components, adapter_name)
     params: dict[str, list[nn.Parameter]] = {g.name: [] for g in groups}
     for (component, path), group in owner.items():
-        layer = layers[f"{component}.{path}"][1]
-        for part in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
-            part.float()
-            for p in part.parameters():
-                p.requires_grad_(True)
-                params[group.name].append(p)
+        for p in adapter_parameters(layers[f"{component}.{path}"][1], adapter_name):
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+            p.requires_grad_(True)
+            params[group.name].append(p)
     return params
-
-
-def lora_modules(components: dict[str, nn.Module],
-                 adapter_name: str = "default") -> dict[str, tuple[str, nn.Module]]:
-    """Map "component.module_path" -> (component, PEFT LoraLayer) for layers holding ``adapter_name``."""
-    from peft.tuners.lora import LoraLayer
-    out = {}
-    for component, model in components.items():
-        for path, layer in adaptable_modules(model):
-            if isinstance(layer, LoraLayer) and adapter_name in layer.lora_A:
-                out[f"{component}.{path}"] = (component, layer)
-    return out
-
-
-def delete_adapter(components: dict[str, nn.Module], adapter_name: str) -> int:
-    """Remove ``adapter_name`` everywhere; layers left with no adapter get their plain module back."""
-    from peft.tuners.lora import LoraLayer
-    removed = 0
-    for model in components.values():
-        before = removed
-        for path, layer in list(adaptable_modules(model)):
-            if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
-                continue
-            active = [a for a in layer.active_adapters if a != adapter_name]
-            layer.delete_adapter(adapter_name)
-            removed += 1
-            if layer.lora_A:
-                set_active(layer, active)
-            else:  # unwrap: put the original Linear/Conv2d back
-                parent_path, _, child = path.rpartition(".")
-                parent = model.get_submodule(parent_path) if parent_path else model
-                setattr(parent, child, layer.get_base_layer())
-        if removed > before and isinstance(getattr(model, "peft_config", None), dict):
-            model.peft_config.pop(adapter_name, None)
-    return removed
-
-
-def set_active(layer: nn.Module, names: list[str]) -> None:
-    """Set a layer's active adapters without changing any LoRA parameter's requires_grad."""
-    flags = [(p, p.requires_grad) for part in _LORA_PARTS for p in getattr(layer, part).parameters()]
-    layer.set_adapter(names)
-    for p, flag in flags:
-        p.requires_grad_(flag)
-
-
-def cast_frozen(components: dict[str, nn.Module], dtype: torch.dtype) -> None:
-    """Cast every non-LoRA floating weight/buffer to ``dtype``; LoRA parameters stay (or become) fp32."""
-    from peft.tuners.lora import LoraLayer
-    lora_ids = set()
-    for model in components.values():
-        for m in model.modules():
-            if isinstance(m, LoraLayer):
-                for part in _LORA_PARTS:
-                    lora_ids.update(id(p) for p in getattr(m, part).parameters())
-    for model in components.values():
-        for p in model.parameters():
-            want = torch.float32 if id(p) in lora_ids else dtype
-            if p.is_floating_point() and p.dtype != want:
-                p.data = p.data.to(want)
-        for m in model.modules():
-            for name, b in m.named_buffers(recurse=False):
-                if b is not None and b.is_floating_point() and b.dtype != dtype:
-                    setattr(m, name, b.to(dtype))
 
 
 def count_trainable(components: dict[str, nn.Module]) -> int:
