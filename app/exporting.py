@@ -1,15 +1,28 @@
 """Adapters and export: the adapters under the outputs folder, uploaded ones, their metadata and the prompt
-to try them with, and the file to download (kohya as is, a portable copy, or a diffusers/PEFT copy).
+to try them with, the file to download (kohya as is, a portable copy, or a diffusers/PEFT copy), what a file
+holds (inspect), a copy in the other layout (convert) and a base model with an adapter baked in (outputs/_baked).
 """
 from __future__ import annotations
 
 import json
 import shutil
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trainer.errors import TrainerError
+
+BAKE_FORMATS = ("file", "folder")       # one .safetensors checkpoint (A1111, ComfyUI) | a diffusers folder
+CONVERT_TARGETS = ("kohya", "peft")
+
+
+@dataclass(frozen=True)
+class Written:
+    """A file or folder a tool wrote, and the trainer's summary of it."""
+
+    path: str
+    summary: str
 
 
 class ExportMixin:
@@ -24,7 +37,7 @@ class ExportMixin:
     def adapters(self) -> list[tuple[str, str]]:
         """(label, path) of every adapter under the outputs folder, newest first."""
         found = [p for p in self.outputs.rglob("*.safetensors")
-                 if "dataset" not in p.relative_to(self.outputs).parts and not p.name.startswith(".")
+                 if not {"dataset", "_baked"} & set(p.relative_to(self.outputs).parts) and not p.name.startswith(".")
                  and not p.stem.endswith("-diffusers")]
         found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
         return [(str(p.relative_to(self.outputs)), str(p)) for p in found]
@@ -119,6 +132,43 @@ class ExportMixin:
             cached.mtimes[str(p)] = mtime
             name = cached.renderer.attach(p)
             return str(save_diffusers_format(copy, cached.renderer.base.components(), adapter_name=name))
+
+    # -- inspect, convert, bake -------------------------------------------------------------
+    def inspect(self, path: str) -> str:
+        """What the file holds (format, architecture, modules per group, metadata, warnings), as text."""
+        from trainer.files.inspect import inspect_file
+
+        return inspect_file(self._adapter(path)).summary()
+
+    def convert(self, path: str, to: str) -> Written:
+        """A copy in the ``to`` layout ("kohya" or "peft"), written beside the file as ``<stem>-<to>``."""
+        from trainer.files.convert import convert_file
+
+        if to not in CONVERT_TARGETS:
+            raise TrainerError(f"Convert target {to!r} is not one of {', '.join(CONVERT_TARGETS)}.", field="convert")
+        p = self._adapter(path)
+        result = convert_file(p, p.with_name(f"{p.stem}-{to}.safetensors"), to=to)
+        return Written(str(result.path), result.summary())
+
+    def bake(self, path: str, weight: float = 1.0, fmt: str = "file") -> Written:
+        """The adapter's run model (``adapter_model``) with the adapter merged in at ``weight``, written under
+        outputs/_baked as one .safetensors checkpoint ("file") or a diffusers folder ("folder"). It loads its
+        own copy of the model (merging changes weights in place), under the render lock."""
+        from trainer.files.bake import bake
+
+        if fmt not in BAKE_FORMATS:
+            raise TrainerError(f"Bake format {fmt!r} is not one of {', '.join(BAKE_FORMATS)}.", field="bake")
+        p = self._adapter(path)
+        stem = f"{p.parent.name}-{p.stem}-x{float(weight):g}" if p.parent != self.outputs else f"{p.stem}-x{weight:g}"
+        suffix = ".safetensors" if fmt == "file" else ""
+        out, n = self.outputs / "_baked" / f"{stem}{suffix}", 1
+        while out.exists():           # never overwrite an earlier bake
+            n += 1
+            out = out.with_name(f"{stem}-{n}{suffix}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with self._render_lock:
+            result = bake(self.adapter_model(path), [(str(p), float(weight))], out)
+        return Written(str(result.path), result.summary())
 
 
 def _run_config(path: str | Path) -> dict[str, Any]:

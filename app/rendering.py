@@ -22,8 +22,9 @@ class _Cached:
 class RenderMixin:
     """Cached renderers. State: ``_renderers`` (base model -> _Cached), ``_renderer_factory`` (None = the
     trainer's Renderer), ``_render_lock`` (one render at a time), ``model_loads`` (models loaded so far),
-    ``default_model`` and ``outputs`` (blends go to outputs/_blends); ``_adapter`` (ExportMixin) checks paths
-    and ``adapter_text_encoding`` (ExportMixin) reads a run's clip skip and token length."""
+    ``default_model`` and ``outputs`` (blends go to outputs/_blends); ``_adapter`` (ExportMixin) checks paths,
+    ``adapter_text_encoding`` (ExportMixin) reads a run's clip skip and token length and ``adapter_model`` its
+    base model."""
 
     _renderers: dict[str, _Cached]
     _renderer_factory: Callable[[str], Any] | None
@@ -75,8 +76,11 @@ class RenderMixin:
         """[(image, 'strength s')] for each strength."""
         return [(self.render(model, {adapter: float(s)}, **settings), f"strength {float(s):g}") for s in strengths]
 
-    def save_blend(self, pairs: list[tuple[str, float]], name: str) -> str:
-        from trainer.files.adapters import blend_files
+    def save_blend(self, pairs: list[tuple[str, float]], name: str, rank: int | float | None = 0) -> tuple[str, str]:
+        """Blend the weighted adapters into outputs/_blends/<name>.safetensors: exactly (``rank`` 0 or None: ranks
+        add up) or compacted to ``rank`` by truncated SVD. Returns (path, the fit summary: overall error and the
+        worst modules)."""
+        from trainer.files.blend import blend
 
         name = name.strip().removesuffix(".safetensors")
         if not RUN_NAME.match(name):
@@ -84,8 +88,22 @@ class RenderMixin:
                                field="blend_name")
         if len(pairs) < 2:
             raise TrainerError("Pick at least two adapters to blend.", field="blend")
+        try:
+            target = int(rank or 0)
+        except (TypeError, ValueError):
+            raise TrainerError(f"Compact rank {rank!r} is not a whole number; use 0 for an exact blend.",
+                               field="blend_rank") from None
+        if target < 0 or target != float(rank or 0):
+            raise TrainerError(f"Compact rank {rank!r} must be a whole number >= 0 (0 = exact blend).",
+                               field="blend_rank")
         for p, _ in pairs:
             self._adapter(p)
         out = self.outputs / "_blends" / f"{name}.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
-        return str(blend_files([(p, float(w)) for p, w in pairs], out))
+        items = [(p, float(w)) for p, w in pairs]
+        if not target:
+            report = blend(items, out)
+        else:  # a DoRA file is compacted against its base model, which is then loaded: one at a time
+            with self._render_lock:
+                report = blend(items, out, rank=target, model=self.adapter_model(pairs[0][0]))
+        return str(report.path), report.summary()

@@ -1,7 +1,8 @@
-"""Training as a child process: ``ProcessJob`` starts ``python -m trainer train`` (or ``--resume``) in its own
-session with its output in ``<run>/trainer.log``, or attaches to one a previous UI started, and follows it from
-the files it writes: ``events.jsonl`` (tailed from a byte offset) and ``status.json``. Also what a run's files say
-when no process is followed (``read_status``, ``record_snapshot``) and whether a pid is a live trainer.
+"""Training as a child process: ``ProcessJob`` starts ``python -m trainer train`` (or ``--resume``; under
+``accelerate launch`` for several GPUs, ``trainer_command``) in its own session with its output in
+``<run>/trainer.log``, or attaches to one a previous UI started, and follows it from the files it writes:
+``events.jsonl`` (tailed from a byte offset) and ``status.json``. Also what a run's files say when no process is
+followed (``read_status``, ``record_snapshot``) and whether a pid is a live trainer.
 """
 from __future__ import annotations
 
@@ -22,6 +23,22 @@ from app.jobs import EventFold, JobSnapshot, stamp
 
 ROOT = Path(__file__).resolve().parent.parent      # where `python -m trainer` is importable
 LOG_FILE = "trainer.log"
+
+
+def visible_gpus() -> int:
+    """How many CUDA GPUs this process sees (0 without CUDA). Imports torch: call it when asked, not at import."""
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
+def trainer_command(args: list[str], processes: int = 1) -> list[str]:
+    """The command that trains: ``python -m trainer train ARGS``, or with ``processes`` > 1 the same module under
+    ``accelerate launch``, one process per GPU."""
+    if processes > 1:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(int(processes)),
+                "-m", "trainer", "train", *args]
+    return [sys.executable, "-m", "trainer", "train", *args]
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -160,19 +177,22 @@ class ProcessJob:
         self._stopping = False
         self._ended = False
         self._total = total_steps
+        self._launched = 0.0                     # several processes: the launcher's pid is not the trainer's
         self._snap = self._make(starting=True)
 
     @classmethod
     def launch(cls, run: str, run_dir: Path, versions: Iterator[int], *, config_json: str | None = None,
-               total_steps: int = 0) -> "ProcessJob":
-        """Start training ``run_dir`` with ``config_json`` (written to its config.json), or resume it (None)."""
+               total_steps: int = 0, processes: int = 1) -> "ProcessJob":
+        """Start training ``run_dir`` with ``config_json`` (written to its config.json), or resume it (None);
+        ``processes`` > 1 trains on that many GPUs (``trainer_command``)."""
         run_dir.mkdir(parents=True, exist_ok=True)
         if config_json is None:
             cmd = ["--resume", str(run_dir)]
         else:
             atomic_write_text(run_dir / "config.json", config_json)
             cmd = ["--config", str(run_dir / "config.json"), "--out", str(run_dir)]
-        cmd = [sys.executable, "-m", "trainer", "train", *cmd, "--quiet"]
+        cmd = trainer_command([*cmd, "--quiet"], processes)
+        launched = time.time()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         with open(run_dir / LOG_FILE, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
@@ -180,6 +200,8 @@ class ProcessJob:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         job = cls(run, run_dir, versions, pid=proc.pid, proc=proc, total_steps=total_steps)
+        if processes > 1:
+            job._launched = launched
         job._fold.log(f"{stamp()} {'resuming' if config_json is None else 'starting'} run '{run}' in a trainer "
                       f"process (pid {proc.pid}; its output goes to {run_dir / LOG_FILE})")
         job._snap = job._make(starting=True)
@@ -210,7 +232,7 @@ class ProcessJob:
         if not self._listening:
             status = self._status()
             with self._lock:
-                if status is not None and status.get("pid") == self.pid:   # its FileControl listens now
+                if status is not None and self._ours(status):   # its FileControl listens now
                     self._listening = True
                     for what in self._pending:
                         file_request(self.run_dir, what)
@@ -254,6 +276,16 @@ class ProcessJob:
             return None
         return status if isinstance(status, dict) else None
 
+    def _ours(self, status: dict) -> bool:
+        """Whether status.json was written by this job's trainer: its pid, or (several processes, where rank 0
+        is a child of the launcher) a status started after the launch."""
+        if status.get("pid") == self.pid:
+            return True
+        try:
+            return bool(self._launched) and float(status.get("started") or 0) >= self._launched
+        except (TypeError, ValueError):
+            return False
+
     def _make(self, starting: bool = False, **changes) -> JobSnapshot:
         fold = self._fold
         state = changes.pop("state", None) or (
@@ -264,7 +296,7 @@ class ProcessJob:
     def _finish(self) -> JobSnapshot:
         status = self._status()
         code = self._proc.returncode if self._proc is not None else None
-        if status is None or status.get("pid") != self.pid:       # it died before it began recording
+        if status is None or not self._ours(status):       # it died before it began recording
             tail = _log_tail(self.run_dir / LOG_FILE)
             message = (f"The trainer process exited ({_exit_text(code) or 'ended'}) before training began: "
                        f"{tail or 'no output'} (full output: {self.run_dir / LOG_FILE})")

@@ -39,12 +39,13 @@ class Job(Protocol):
 @dataclass(frozen=True)
 class Queued:
     """A run waiting to train: ``kind`` "train" with ``config`` (the resolved TrainConfig as a dict), or
-    "resume" (the run's own config.json and newest checkpoint)."""
+    "resume" (the run's own config.json and newest checkpoint); ``processes``: GPUs it trains on."""
 
     run: str
     kind: str = "train"
     config: dict | None = None
     queued: float = 0.0
+    processes: int = 1
 
 
 @dataclass(frozen=True)

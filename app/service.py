@@ -18,7 +18,7 @@ from trainer.events import Control
 from app.exporting import ExportMixin
 from app.jobs import JobSnapshot, ThreadJob
 from app.rendering import RenderMixin, _Cached
-from app.runner import ProcessJob, file_request, read_status, record_snapshot
+from app.runner import ProcessJob, file_request, read_status, record_snapshot, visible_gpus
 from app.runs import BUILTIN_MODEL_DIR, IMAGE_EXTENSIONS, RunsMixin
 from app.scheduler import JobBusy, JobQueue, Overview, Queued
 from app.settings import FieldSpec, SettingsMixin, config_fields
@@ -47,6 +47,7 @@ class Service(RunsMixin, SettingsMixin, RenderMixin, ExportMixin):
         self._renderers: dict[str, _Cached] = {}
         self._render_lock = threading.Lock()
         self.model_loads = 0
+        self._gpus: int | None = None                # visible CUDA GPUs, counted when first asked
         self.reattached: str | None = None           # the run found still training at start, if any
         self._reattach()
         self.jobs.start_polling()
@@ -59,15 +60,36 @@ class Service(RunsMixin, SettingsMixin, RenderMixin, ExportMixin):
         import trainer.loop.train  # noqa: F401
 
     # -- training ---------------------------------------------------------------------------
-    def start_training(self, run: str, values: dict[str, Any]) -> "tconfig.TrainConfig":
-        """Train ``run`` with the form ``values`` now, or queue it behind the current run
+    def gpu_count(self) -> int:
+        """CUDA GPUs a run can train on (torch is imported on the first call, not before)."""
+        if self._gpus is None:
+            self._gpus = visible_gpus()
+        return self._gpus
+
+    def _processes(self, gpus: Any) -> int:
+        """``gpus`` checked against what is visible: 1..gpu_count()."""
+        try:
+            n = int(gpus or 1)
+        except (TypeError, ValueError):
+            n = 0
+        if n == 1:
+            return 1
+        count = self.gpu_count()
+        if not 1 <= n <= max(count, 1) or n != float(gpus):
+            raise TrainerError(f"GPUs {gpus!r} is not usable: this machine has {count} CUDA GPU(s); pick 1 to "
+                               f"{max(count, 1)}.", field="gpus")
+        return n
+
+    def start_training(self, run: str, values: dict[str, Any], gpus: int = 1) -> "tconfig.TrainConfig":
+        """Train ``run`` with the form ``values`` on ``gpus`` GPUs now, or queue it behind the current run
         (``jobs.position(run)`` says how many are ahead)."""
+        processes = self._processes(gpus)
         config = self.build_config(run, values)
         if not self.dataset_items(run):
             raise TrainerError(f"Run '{run}' has no images yet; add some on the Dataset tab first.",
                                field="data_dir")
         self._refuse_if_trained_elsewhere(run)
-        self._submit(Queued(run, "train", config.to_dict()))
+        self._submit(Queued(run, "train", config.to_dict(), processes=processes))
         return config
 
     def stop(self, run: str = "") -> bool:
@@ -89,8 +111,10 @@ class Service(RunsMixin, SettingsMixin, RenderMixin, ExportMixin):
             raise TrainerError(f"Run '{run}' is being trained by another trainer process (pid {status.get('pid')}); "
                                "stop it or wait for it to finish.", field="start")
 
-    def resume(self, run: str) -> None:
-        """Continue a stopped or interrupted run from its newest checkpoint, now or after the queue."""
+    def resume(self, run: str, gpus: int = 1) -> None:
+        """Continue a stopped or interrupted run from its newest checkpoint (on ``gpus`` GPUs), now or after
+        the queue."""
+        processes = self._processes(gpus)
         run_dir = self.run_dir(run)
         if not (run_dir / "config.json").is_file():
             raise TrainerError(f"Run '{run}' has never trained (no config.json in {run_dir}); press Start "
@@ -100,7 +124,7 @@ class Service(RunsMixin, SettingsMixin, RenderMixin, ExportMixin):
             raise TrainerError(f"Run '{run}' already finished all its {status.get('total_steps') or ''} steps; "
                                "to train longer, raise Steps and press Start training.", field="resume")
         self._refuse_if_trained_elsewhere(run)
-        self._submit(Queued(run, "resume"))
+        self._submit(Queued(run, "resume", processes=processes))
 
     def _submit(self, entry: Queued) -> None:
         try:
@@ -120,7 +144,8 @@ class Service(RunsMixin, SettingsMixin, RenderMixin, ExportMixin):
             return ThreadJob(entry.run, config, self._train_fn, Control, versions, user_errors=(TrainerError,),
                              resume=str(run_dir) if resume else None)
         return ProcessJob.launch(entry.run, run_dir, versions, total_steps=config.max_train_steps,
-                                 config_json=None if resume else config.to_json() + "\n")
+                                 config_json=None if resume else config.to_json() + "\n",
+                                 processes=entry.processes)
 
     def _reattach(self) -> None:
         """The newest run whose trainer still runs (started by an earlier UI) becomes the current job."""

@@ -1,4 +1,5 @@
-"""Step 4, Blend: two or more adapters with a weight each, previewed together, saved as one .safetensors."""
+"""Step 4, Blend: two or more adapters with a weight each, previewed together, saved as one .safetensors (exact,
+or compacted to a rank, with how far the compacted file is from the exact blend)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,13 @@ def build(service: Service) -> BlendTab:
                      elem_classes=["upscale"], format="png")
     with gr.Row(equal_height=False):
         name = gr.Textbox("my-blend", label="Name of the new adapter", scale=3, elem_id="blend-name")
+        rank = gr.Number(0, precision=0, minimum=0, label="Compact to rank (0 = exact)", scale=1,
+                         info="0 keeps every rank (the ranks add up); R re-fits each module to rank R (smaller "
+                         "file, small error)", elem_id="blend-rank")
         save_btn = gr.Button("Save blend as a new adapter", variant="primary", scale=1, elem_id="blend-save")
     status = gr.HTML(elem_id="blend-notice")
+    fit = gr.Textbox(label="Fit report", lines=4, max_lines=10, interactive=False, visible=False,
+                     elem_id="blend-fit")
     file = gr.File(label="Blended adapter", interactive=False, elem_id="blend-file")
 
     def pairs(values: tuple) -> list[tuple[str, float]]:
@@ -61,13 +67,18 @@ def build(service: Service) -> BlendTab:
         return service.render(base_model, loras, **settings_of(*values[2 * SLOTS:]))
 
     @guard
-    def on_save(blend_name, *values, progress=gr.Progress()):
-        progress(0.1, desc="Blending…")
-        path = service.save_blend(pairs(values), blend_name)
-        return notice(f"Saved the blend to {path}. It is now in the Preview and Export lists.", "ok"), path
+    def on_save(blend_name, compact, *values, progress=gr.Progress()):
+        compact = compact or 0
+        progress(0.1, desc=f"Compacting to rank {compact:g}…" if compact else "Blending…")
+        path, summary = service.save_blend(pairs(values), blend_name, compact)
+        lines = summary.splitlines()
+        how = lines[2] if len(lines) > 2 else ""
+        text = f"Saved the blend to {path} ({how}). It is now in the Preview and Export lists."
+        return notice(text, "ok"), path, gr.update(value=summary, visible=True)
 
     add.click(on_add, [shown], [shown, *rows])
     preview_btn.click(on_preview, [model, *pickers, *weights, *s.values()], [image], concurrency_id="render",
                       concurrency_limit=1)
-    save_btn.click(on_save, [name, *pickers, *weights], [status, file])
+    save_btn.click(on_save, [name, rank, *pickers, *weights], [status, file, fit], concurrency_id="render",
+                   concurrency_limit=1)
     return BlendTab(adapters=pickers)

@@ -76,6 +76,7 @@ class _Panel:
     """The run controls and what they report: buttons, the notice line, progress, the queue (and its Remove),
     chart, samples, log; ``seen`` is the page's last drawn view and queue."""
 
+    gpus: gr.Number
     start: gr.Button
     stop: gr.Button
     resume: gr.Button
@@ -141,7 +142,7 @@ def build(service: Service, run: gr.Dropdown, trigger: gr.Textbox) -> TrainTab:
         form.make("sample_prompts")
     advanced, advanced_fields = _advanced_settings(form)
     preset_name, preset_desc, save_preset = _save_preset_row()
-    panel = _run_panel()
+    panel = _run_panel(service.gpu_count())
     form.finish()
     _wire_settings(service, form, run, preset, source, scale)
     _wire_training(service, form, run, advanced, advanced_fields, panel)
@@ -225,8 +226,11 @@ def _save_preset_row() -> tuple[gr.Textbox, gr.Textbox, gr.Button]:
     return preset_name, preset_desc, save_preset
 
 
-def _run_panel() -> _Panel:
+def _run_panel(gpu_count: int) -> _Panel:
+    """``gpu_count`` > 1 shows the GPUs number (a run on N > 1 is launched with accelerate)."""
     with gr.Row():
+        gpus = gr.Number(1, precision=0, minimum=1, maximum=max(gpu_count, 1), label=f"GPUs (of {gpu_count})",
+                         visible=gpu_count > 1, scale=1, min_width=90, elem_id="train-gpus")
         start = gr.Button("Start training", variant="primary", elem_id="start-btn", scale=3)
         stop = gr.Button("Stop", variant="stop", elem_id="stop-btn", interactive=False, scale=1)
         resume = gr.Button("Resume", variant="secondary", elem_id="resume-btn", visible=False, scale=1)
@@ -250,7 +254,7 @@ def _run_panel() -> _Panel:
     log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
     timer = gr.Timer(1.0)
     seen = gr.State({})
-    return _Panel(start, stop, resume, sample_now, save_now, form_notice, progress, queue, queue_row, queue_pick,
+    return _Panel(gpus, start, stop, resume, sample_now, save_now, form_notice, progress, queue, queue_row, queue_pick,
                   queue_remove, chart, samples, log, timer, seen)
 
 
@@ -292,7 +296,7 @@ def _wire_training(service: Service, form: _Form, run: gr.Dropdown, advanced: gr
     there), Stop, Resume, sample/save requests to the running job, and Remove from the queue."""
 
     @guard
-    def on_start(run_name: str, *values):
+    def on_start(run_name: str, gpus: int, *values):
         errors = service.validate_form(form.as_values(values))
         updates = [form.styled(n, errors.get(n)) for n in form.names]
         if errors:
@@ -300,7 +304,7 @@ def _wire_training(service: Service, form: _Form, run: gr.Dropdown, advanced: gr
             hidden = any(k in errors for k in advanced_fields)
             return [notice(text, "error"), gr.update(open=True) if hidden else gr.skip(), *updates]
         try:
-            config = service.start_training(run_name, form.as_values(values))
+            config = service.start_training(run_name, form.as_values(values), gpus)
         except TrainerError as err:  # shown inline (and as a toast); raising would mark every field red
             gr.Warning(str(err), title="Not started")
             return [notice(str(err), "error"), gr.skip(), *updates]
@@ -310,9 +314,9 @@ def _wire_training(service: Service, form: _Form, run: gr.Dropdown, advanced: gr
                            "info"), gr.skip(), *updates]
         return [notice(f"Started: {config.output_dir}", "ok"), gr.skip(), *updates]
 
-    def on_resume(run_name: str):
+    def on_resume(run_name: str, gpus: int):
         try:
-            service.resume(run_name)
+            service.resume(run_name, gpus)
         except TrainerError as err:
             return notice(str(err), "error")
         ahead = service.jobs.position(run_name)
@@ -337,9 +341,9 @@ def _wire_training(service: Service, form: _Form, run: gr.Dropdown, advanced: gr
             return notice(f"Removed '{queued}' from the queue.", "info")
         return notice(f"'{queued or ''}' is not in the queue (it may have started already).", "warn")
 
-    panel.start.click(on_start, [run, *form.inputs], [panel.notice, advanced, *form.inputs],
+    panel.start.click(on_start, [run, panel.gpus, *form.inputs], [panel.notice, advanced, *form.inputs],
                       concurrency_id="train-start", concurrency_limit=1)
-    panel.resume.click(on_resume, [run], [panel.notice], concurrency_id="train-start", concurrency_limit=1)
+    panel.resume.click(on_resume, [run, panel.gpus], [panel.notice], concurrency_id="train-start", concurrency_limit=1)
     panel.stop.click(on_stop, [run], [panel.notice])
     panel.sample_now.click(on_request("sample"), None, [panel.notice])
     panel.save_now.click(on_request("save"), None, [panel.notice])

@@ -1,0 +1,88 @@
+"""Helpers for the headless-Chromium tests: where Chromium and the screenshots are, a free port, and the page
+actions a person takes (pick a tab, choose an option, type and leave a box, wait for a training state).
+"""
+from __future__ import annotations
+
+import io
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "screenshots"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_loaded(page) -> None:
+    """The page is up and its load event (which picks the run) has answered."""
+    page.wait_for_selector("#run-name input")
+    page.wait_for_function("document.querySelector('#run-notice')?.innerText.includes('Run folder')")
+
+
+def shot(page, name: str) -> None:
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+    page.wait_for_timeout(500)
+
+
+def choose(page, elem_id: str, text: str) -> None:
+    """Pick the option containing ``text`` in a Gradio dropdown."""
+    page.click(f"#{elem_id} input")
+    page.locator(f"#{elem_id} li[role=option]", has_text=text).first.click()
+    page.wait_for_timeout(300)
+
+
+def fill(page, elem_id: str, value) -> None:
+    """Type into a Gradio textbox, number or slider (its number box) and leave it, as a person would."""
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=range]):not([type=checkbox])").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def progress_state(page) -> tuple[str, int]:
+    card = page.locator("#train-progress .progress-card")
+    if not card.count():
+        return "idle", 0
+    return card.get_attribute("data-state"), int(card.get_attribute("data-step"))
+
+
+def wait_state(page, states: tuple[str, ...], timeout: float = 150, min_step: int = 0) -> tuple[str, int]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state, step = progress_state(page)
+        if state in states and step >= min_step:
+            return state, step
+        if state == "failed":
+            pytest.fail("training failed: " + page.inner_text("#train-progress"))
+        page.wait_for_timeout(250)
+    pytest.fail(f"training did not reach {states} (step >= {min_step}) in {timeout}s; now {progress_state(page)}; "
+                + page.input_value("#train-log textarea"))
+
+
+def image_pixels(page, selector: str):
+    from PIL import Image
+    src = page.locator(selector).first.get_attribute("src")
+    body = page.request.get(src if src.startswith("http") else page.url.rstrip("/") + src).body()
+    return Image.open(io.BytesIO(body)).convert("RGB")
+
+
+def set_run(page, name: str) -> None:
+    box = page.locator("#run-name input")
+    box.fill(name)
+    box.press("Enter")
+    page.wait_for_function("n => document.querySelector('#run-notice')?.innerText.includes(n)", arg=name)
+
+
+# --- the flow --------------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""In headless Chromium, the file tools on one adapter (trained in this process for 2 steps): a blend compacted to
+rank 2 shows its fit report; the Export tab shows what the file holds, converts it to PEFT and bakes it into the
+built-in model. Screenshots go to ``screenshots/`` (git-ignored).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.service_helpers import make_dataset
+from tests.browser_helpers import CHROMIUM, SHOTS, choose, fill, shot, tab, wait_loaded
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium"),
+]
+playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
+
+
+def _train(config, listeners, control):
+    from trainer.loop.train import train
+    return train(config, listeners=listeners, control=control)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from app.service import Service
+    from app.ui import build_app, launch_options
+    from tests.browser_helpers import _free_port
+    from trainer.config import PRESETS_DIR
+
+    tmp = tmp_path_factory.mktemp("browser-files")
+    shutil.copytree(PRESETS_DIR, tmp / "presets")
+    service = Service(tmp / "outputs", presets_dir=tmp / "presets", train_fn=_train)
+    service.add_files("real", sorted(make_dataset(tmp / "src", n=4, size=64).iterdir()))
+    service.start_training("real", {**service.preset_form("quick"), "max_train_steps": 2, "batch_size": 1})
+    snap = service.jobs.wait(300)
+    assert snap.state == "finished", snap.error
+    demo = build_app(service)
+    demo.queue(default_concurrency_limit=4)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **launch_options(service))
+    yield f"http://127.0.0.1:{port}/", service
+    demo.close()
+
+
+def test_compact_blend_then_inspect_convert_and_bake(app):
+    url, service = app
+    SHOTS.mkdir(exist_ok=True)
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        wait_loaded(page)
+
+        tab(page, "4. Blend")
+        choose(page, "blend-adapter-0", "real/lora.safetensors")
+        choose(page, "blend-adapter-1", "real/lora.safetensors")
+        fill(page, "blend-name", "small")
+        fill(page, "blend-rank", 2)
+        page.click("#blend-save")
+        page.wait_for_selector("#blend-notice >> text=Saved the blend")
+        report = page.input_value("#blend-fit textarea")
+        assert "relative error overall" in report and " -> 2, error " in report
+        assert (service.outputs / "_blends" / "small.safetensors").is_file()
+        shot(page, "files-1-blend-compact")
+
+        tab(page, "5. Export")
+        choose(page, "export-adapter", "real/lora.safetensors")
+        page.wait_for_function("document.querySelector('#export-inspect textarea')?.value.includes('format: kohya')")
+        page.click("#export-convert .label-wrap")        # open the accordion
+        page.click("#convert-btn")
+        page.wait_for_selector("#convert-notice >> text=peft layout")
+        assert (service.outputs / "real" / "lora-peft.safetensors").is_file()
+        page.click("#export-bake .label-wrap")
+        page.click("#bake-btn")
+        page.wait_for_selector("#bake-notice >> text=Baked the adapter", timeout=120_000)
+        assert Path(service.outputs / "_baked" / "real-lora-x1.safetensors").is_file()
+        shot(page, "files-2-export-tools")
+        browser.close()
