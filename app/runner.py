@@ -17,7 +17,8 @@ from types import SimpleNamespace
 from typing import Iterator
 
 from trainer.fileio import atomic_write_text
-from trainer.loop.records import EVENTS_FILE, STATUS_FILE, request as file_request
+from trainer.loop.records import EVENTS_FILE, STATUS_FILE, process_exists
+from trainer.loop.records import request as file_request
 
 from app.jobs import EventFold, JobSnapshot, stamp
 
@@ -43,14 +44,8 @@ def trainer_command(args: list[str], processes: int = 1) -> list[str]:
 
 def pid_alive(pid: int | None) -> bool:
     """A process with this pid runs and (where /proc tells) is a trainer, not a zombie or a reused pid."""
-    if not isinstance(pid, int) or pid <= 0:
+    if not isinstance(pid, int) or pid <= 0 or not process_exists(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     proc = Path(f"/proc/{pid}")
     if not proc.is_dir():
         return True

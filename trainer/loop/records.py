@@ -19,6 +19,17 @@ STATUS_FILE = "status.json"
 CONTROL_DIR = "control"          # <run>/control/{stop,save,sample}: created by a front end, consumed here
 
 
+def process_exists(pid: int) -> bool:
+    """Whether a process with this pid exists (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def event_to_dict(event: Event) -> dict:
     return {"type": type(event).__name__, "time": round(time.time(), 3), **dataclasses.asdict(event)}
 

@@ -20,6 +20,7 @@ from safetensors.torch import load, save
 
 from ..config import TrainConfig, from_dict
 from ..errors import TrainerError
+from .records import process_exists
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
@@ -118,18 +119,8 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for tmp in root.glob(".tmp-step-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_exists(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _candidates(root: Path) -> list[Path]:
