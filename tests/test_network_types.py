@@ -15,12 +15,11 @@ from safetensors.torch import load_file
 from tests.test_export import assert_differs, assert_rel_close, sd1_pipe
 from tests.test_lora import components, outputs
 from tests.test_resume import assert_same_adapter
-from tests.test_train import quick_config, tiny_base
+from tests.test_train import quick_config, stop_at, tiny_base
 from tests.tiny_models import build_tiny
 from trainer.cli import build_parser, config_from_args
 from trainer.config import UNET_CROSS_ATTENTION, UNET_TARGET_SETS, TrainConfig
 from trainer.errors import TrainerError
-from trainer.events import Progress
 from trainer.files.adapters import apply_adapter, attached, read_lora_file, remove_adapter
 from trainer.files.deltas import read_network_file
 from trainer.files.export import build_metadata, lora_state_dict, save_adapter, save_diffusers_format
@@ -316,12 +315,7 @@ def test_loha_run_stopped_at_step_2_resumes_to_the_same_adapter(tmp_path):
 
     whole = train(config("whole"), base=tiny_base())
     control = FileControl(tmp_path / "cut")
-
-    def stop_at_2(event):
-        if isinstance(event, Progress) and event.step == 2:
-            control.stop()
-
-    train(config("cut"), base=tiny_base(), control=control, listeners=[stop_at_2])
+    train(config("cut"), base=tiny_base(), control=control, listeners=[stop_at(control, 2)])
     ckpt = tmp_path / "cut" / "checkpoints" / "step-000002" / "lora.safetensors"
     assert any(".hada_w1_a." in k for k in load_file(str(ckpt)))
     resumed = train(config("cut"), base=tiny_base(), resume=tmp_path / "cut")

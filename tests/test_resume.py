@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train import quick_config, tiny_base
+from tests.test_train import quick_config, stop_at, tiny_base
 from trainer.errors import TrainerError
 from trainer.events import Finished, Log, Progress
 from trainer.loop import train as loop
@@ -202,12 +202,7 @@ def test_ema_is_exported_and_resumes_exactly_in_process(tmp_path):
 
     whole = train(config("whole"), base=tiny_base())
     control = FileControl(tmp_path / "cut")
-
-    def stop_at_3(event):
-        if isinstance(event, Progress) and event.step == 3:
-            control.stop()
-
-    train(config("cut"), base=tiny_base(), control=control, listeners=[stop_at_3])
+    train(config("cut"), base=tiny_base(), control=control, listeners=[stop_at(control, 3)])
     assert (tmp_path / "cut" / "checkpoints" / "step-000003" / "ema.safetensors").is_file()
     resumed = train(config("cut"), base=tiny_base(), resume=tmp_path / "cut")
     assert_same_adapter(resumed, whole)

@@ -46,6 +46,14 @@ def quick_config(tmp_path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def stop_at(control: Control, step: int):
+    """A listener that asks ``control`` to stop once step ``step`` is done (a run cut short for a resume)."""
+    def listen(event) -> None:
+        if isinstance(event, Progress) and event.step == step:
+            control.stop()
+    return listen
+
+
 def fixed_batch_loss(base: BaseModel, pixels: torch.Tensor, captions: list[str]) -> float:
     """Loss with fixed noise and timesteps, so two evaluations differ only by the weights."""
     g = torch.Generator().manual_seed(0)
