@@ -14,6 +14,7 @@ Each is a fresh process; whole-process wall time (interpreter start to exit) and
 
     python bench/reference.py compare --models builtin,sd15 --resolution 128 --steps 24     # ~15 min, 2 cores
     python bench/reference.py compare --models sd15 --resolution 256 --steps 12
+    python bench/reference.py compare --models sd15 --resolution 512 --steps 30 --device cuda --precision bf16
 
 Results: docs/BENCHMARKS.md.
 """
@@ -95,7 +96,8 @@ def reference(a: argparse.Namespace) -> None:
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    accelerator = Accelerator(mixed_precision="no")
+    accelerator = Accelerator(mixed_precision=a.precision, cpu=a.device == "cpu")
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.precision]
     scheduler = DDPMScheduler.from_pretrained(a.model, subfolder="scheduler")
     tokenizer = CLIPTokenizer.from_pretrained(a.model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(a.model, subfolder="text_encoder")
@@ -103,8 +105,11 @@ def reference(a: argparse.Namespace) -> None:
     unet = UNet2DConditionModel.from_pretrained(a.model, subfolder="unet")
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False)
+        m.to(accelerator.device, dtype=weight_dtype)
     unet.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.rank, init_lora_weights="gaussian", target_modules=TARGETS))
     params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:                # as the example: trainable LoRA weights in fp32 under mixed precision
+        p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
     class Photos(torch.utils.data.Dataset):
@@ -136,9 +141,11 @@ def reference(a: argparse.Namespace) -> None:
         for batch in loader:
             t0 = time.perf_counter()
             with accelerator.accumulate(unet):
-                latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+                pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
+                latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
                 noise = torch.randn_like(latents)
-                timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+                timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          device=latents.device).long()
                 noisy = scheduler.add_noise(latents, noise, timesteps)
                 hidden = text_encoder(batch["input_ids"], return_dict=False)[0]
                 pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
@@ -149,6 +156,8 @@ def reference(a: argparse.Namespace) -> None:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
+            if a.device == "cuda":
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
             step += 1
             if step >= a.steps:
@@ -167,24 +176,32 @@ def floor(a: argparse.Namespace) -> None:
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_pretrained(a.model, subfolder="unet")
+    dev, dtype = torch.device(a.device), {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        a.precision]
+    unet = UNet2DConditionModel.from_pretrained(a.model, subfolder="unet").to(dev, dtype=dtype)
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.rank, init_lora_weights="gaussian", target_modules=TARGETS))
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    for p in params:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, **({"fused": True} if dev.type == "cuda" else {}))
     side = a.resolution // 8
-    latents = torch.randn(a.batch, unet.config.in_channels, side, side)
-    hidden = torch.randn(a.batch, 77, unet.config.cross_attention_dim)
+    latents = torch.randn(a.batch, unet.config.in_channels, side, side, device=dev, dtype=dtype)
+    hidden = torch.randn(a.batch, 77, unet.config.cross_attention_dim, device=dev, dtype=dtype)
     unet.train()
     times = []
     for _ in range(a.steps):
         t0 = time.perf_counter()
         noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (a.batch,))
-        loss = F.mse_loss(unet(latents + noise, t, hidden).sample, noise)
+        t = torch.randint(0, 1000, (a.batch,), device=dev)
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            pred = unet(latents + noise, t, hidden).sample
+        loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     Path(a.out, "steps.json").write_text(json.dumps(times))
@@ -229,7 +246,8 @@ def compare(a: argparse.Namespace) -> None:
     me = [sys.executable, str(Path(__file__).resolve())]
     for name, (model, res) in models.items():
         common = ["--model", model, "--resolution", str(res), "--steps", str(a.steps), "--rank", str(a.rank),
-                  "--batch", str(a.batch), "--threads", str(a.threads)]
+                  "--batch", str(a.batch), "--threads", str(a.threads), "--device", a.device,
+                  "--precision", a.precision]
         for rep in range(a.repeats):            # alternate the three, so drift on the machine hits all alike
             out = tmp / f"{name}-{rep}"
             ref = _run([*me, "reference", *common, "--data", str(data), "--out", str(out / "reference")])
@@ -238,6 +256,7 @@ def compare(a: argparse.Namespace) -> None:
                          "--model", model, "--resolution", str(res), "--steps", str(a.steps), "--rank", str(a.rank),
                          "--alpha", str(a.rank), "--batch-size", str(a.batch), "--unet-targets", "attn",
                          "--no-buckets", "--lr", "1e-4", "--threads", str(a.threads), "--quiet",
+                         "--mixed-precision", a.precision,
                          "--set", "min_snr_gamma=0", "--set", "lr_scheduler=constant"])
             ours["median_step_s"] = statistics.median(_our_steps(out / "ours")[1:])
             bare = _run([*me, "floor", *common, "--out", str(out / "floor")])
@@ -270,6 +289,9 @@ def main() -> None:
         p.add_argument("--rank", type=int, default=16)
         p.add_argument("--batch", type=int, default=1)
         p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+        p.add_argument("--precision", choices=("no", "fp16", "bf16"), default="no",
+                       help="mixed precision of all three (frozen weights in it, LoRA fp32)")
     c = sub.choices["compare"]
     c.add_argument("--models", default="builtin,sd15", help="builtin, sd15 (random weights) or a diffusers folder")
     c.add_argument("--images", type=int, default=8)
