@@ -54,6 +54,8 @@ class ExportMixin:
         if src.suffix.lower() != ".safetensors":
             raise TrainerError(f"'{src.name}' is not a .safetensors file; upload a LoRA saved as .safetensors "
                                "(convert .ckpt/.pt/.bin files first).", field="adapter")
+        if not src.is_file():
+            raise TrainerError(f"Upload '{src.name}' did not arrive; upload it again.", field="adapter")
         self.limits.check_size(src.name, src.stat().st_size)
         folder = self.outputs / "_imported"
         folder.mkdir(parents=True, exist_ok=True)

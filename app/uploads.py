@@ -33,7 +33,7 @@ class Limits:
 
     def check_size(self, name: str, size: int) -> None:
         if size > self.max_bytes:
-            raise TrainerError(f"'{name}' is {size / (1 << 20):.1f} MB, over this server's limit of "
+            raise TrainerError(f"'{name}' is {size / (1 << 20):.3g} MB, over this server's limit of "
                                f"{self.max_upload_mb:g} MB per file; nothing was added. Shrink or split it, or "
                                "start the UI with a higher --max-upload-mb.", field="upload")
 
@@ -95,6 +95,8 @@ def _extract(entry: _Entry, target: Path | None = None) -> bytes:
                     chunks.append(chunk)
                 else:
                     out.write(chunk)
+            if seen != m.file_size:
+                raise zipfile.BadZipFile(f"{seen} bytes inside")
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
         if target is not None and not isinstance(err, FileExistsError):
             target.unlink(missing_ok=True)
