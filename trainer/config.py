@@ -266,9 +266,13 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if isinstance(default, list):
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
-            return list(value)
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(value)
+            return [str(v) for v in value]
+        if isinstance(value, (dict, list)):
+            raise TypeError(value)
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         kind = type(default).__name__
         raise ConfigError({name: f"{value!r} is not a valid {kind}."}) from None
 
@@ -276,7 +280,12 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
     """Bring a saved config of an older version up to ``CONFIG_VERSION``."""
     data = dict(data)
-    version = int(data.get("version", CONFIG_VERSION))
+    raw = data.get("version", CONFIG_VERSION)
+    try:
+        version = int(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise TrainerError(f"Config version {raw!r} is not a whole number; a saved config.json has \"version\": "
+                           f"{CONFIG_VERSION}. Fix it or save the config again.", field="version") from None
     if version > CONFIG_VERSION:
         raise TrainerError(
             f"Config version {version} is newer than this trainer understands ({CONFIG_VERSION}); "
@@ -285,8 +294,21 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def load_config(path: str | Path) -> TrainConfig:
+    """A saved config.json (``TrainConfig.save``) as a TrainConfig; TrainerError naming the file when it is not one."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:
+        raise TrainerError(f"Config file '{path}' cannot be read ({err}); give a config.json written by an earlier "
+                           "run.", field="config") from None
+    return from_dict(data)
+
+
 def from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
     """Overlay ``data`` on ``base`` (defaults when None); unknown keys are an error."""
+    if not isinstance(data, dict):
+        raise TrainerError(f"Settings must be a table of field = value, not {type(data).__name__} "
+                           f"({str(data)[:60]!r}); see TrainConfig for the fields.", field="config")
     data = migrate(data) if "version" in data else dict(data)
     base = base or TrainConfig()
     defaults = base.to_dict()
