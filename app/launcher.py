@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.queue(default_concurrency_limit=4)
     _, local_url, share_url = demo.launch(server_name=host, server_port=args.port, share=args.share, auth=auth,
                                           prevent_thread_lock=True, quiet=True, show_error=True,
-                                          max_file_size=limits.max_bytes, **launch_options(service))
+                                          **launch_options(service))
     threading.Thread(target=service.warm_up, name="warm-up", daemon=True).start()
     print(f"LoRA Trainer is running at {local_url}  (outputs: {service.outputs}; Ctrl-C to quit)", flush=True)
     print(f"Server folders it may read: data {', '.join(map(str, sandbox.data_roots))}; models "

@@ -384,9 +384,9 @@ def save_preset(config: TrainConfig, name: str, description: str = "", directory
     folder; the shipped presets are never written)."""
     from .fileio import atomic_write_text
     check_preset_name(name)
-    if directory is None:
-        raise TrainerError("No folder to save presets in; give one (the web UI uses <outputs>/presets or "
-                           "--presets-dir).", field="preset")
+    if directory is None or Path(directory).resolve() == PRESETS_DIR.resolve():
+        raise TrainerError(f"Presets are not saved into the package ({directory or 'no folder given'}); give a "
+                           "folder of your own (the web UI uses <outputs>/presets or --presets-dir).", field="preset")
     defaults = TrainConfig().to_dict()
     skip = {"data_dir", "output_dir", "name", "version"}
     overlay = {k: v for k, v in config.to_dict().items() if k not in skip and v != defaults[k]}
