@@ -26,7 +26,8 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 class RunsMixin:
     """Run folders and datasets. State: ``outputs`` (the folder holding every run), ``jobs`` (the running job
     names the default run; with the queue, each run's state), ``default_model`` and ``_renderers`` (a loaded
-    model already knows its size)."""
+    model already knows its size), ``sandbox`` (the folders imports and models may come from) and ``limits``
+    (upload sizes and counts)."""
 
     outputs: Path
     jobs: JobQueue
@@ -223,6 +224,11 @@ class RunsMixin:
             return int(self._renderers[model].renderer.base.resolution)
         # trainer.models.loader knows this too, but importing it (diffusers) takes many seconds; its configs
         # ship as package data, so read them directly.
+        if model != "builtin":
+            try:
+                self.sandbox.model(model)        # read nothing outside the model roots
+            except TrainerError:
+                return 1024 if "xl" in model.lower() else 512
         folder = BUILTIN_MODEL_DIR if model == "builtin" else Path(model).expanduser()
         try:  # a diffusers folder: UNet latent size x VAE downscale, as the pipelines compute it
             unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
