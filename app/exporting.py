@@ -13,6 +13,8 @@ from typing import Any
 
 from trainer.errors import TrainerError
 
+from app.uploads import free_name
+
 BAKE_FORMATS = ("file", "folder")       # one .safetensors checkpoint (A1111, ComfyUI) | a diffusers folder
 CONVERT_TARGETS = ("kohya", "peft")
 
@@ -33,6 +35,8 @@ class ExportMixin:
     outputs: Path
     default_model: str
     _render_lock: threading.Lock
+    sandbox: Any                     # app.sandbox.Sandbox: adapters are opened only under the outputs folder
+    limits: Any                      # app.uploads.Limits: the upload size limit
 
     def adapters(self) -> list[tuple[str, str]]:
         """(label, path) of every adapter under the outputs folder, newest first."""
@@ -48,10 +52,14 @@ class ExportMixin:
 
         src = Path(upload)
         if src.suffix.lower() != ".safetensors":
-            raise TrainerError(f"'{src.name}' is not a .safetensors file; upload a LoRA saved as .safetensors.",
-                               field="adapter")
-        dest = self.outputs / "_imported" / src.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
+            raise TrainerError(f"'{src.name}' is not a .safetensors file; upload a LoRA saved as .safetensors "
+                               "(convert .ckpt/.pt/.bin files first).", field="adapter")
+        if not src.is_file():
+            raise TrainerError(f"Upload '{src.name}' did not arrive; upload it again.", field="adapter")
+        self.limits.check_size(src.name, src.stat().st_size)
+        folder = self.outputs / "_imported"
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = folder / free_name(folder, src.name)       # an earlier upload of the same name is kept
         shutil.copyfile(src, dest)
         try:
             read_lora_file(dest)
@@ -65,11 +73,7 @@ class ExportMixin:
         return str(dest)
 
     def _adapter(self, path: str) -> Path:
-        p = Path(path or "")
-        if not path or not p.is_file():
-            raise TrainerError(f"Adapter '{path}' does not exist; pick one from the list or upload one.",
-                               field="adapter")
-        return p
+        return self.sandbox.adapter(path)         # an existing file under the outputs folder
 
     def adapter_info(self, path: str) -> dict[str, Any]:
         from trainer.files.adapters import read_lora_file

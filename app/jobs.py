@@ -12,11 +12,48 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 ACTIVE_STATES = ("starting", "running", "stopping")
+
+
+class Prefix(Sequence):
+    """The first ``n`` items of an append-only list, as an immutable sequence: a snapshot takes one in O(1)
+    instead of copying the whole history on every update. The list is only ever appended to (a resume that goes
+    back starts a new list), so an older snapshot's prefix never changes. Compares equal to a tuple of the same
+    items."""
+
+    __slots__ = ("_items", "_n")
+
+    def __init__(self, items: list | None = None, n: int | None = None):
+        self._items = items if items is not None else []
+        self._n = len(self._items) if n is None else n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self._items[:self._n][i])
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError("index out of range")
+        return self._items[i]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(other) == self._n and all(a == b for a, b in zip(self, other))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"Prefix({list(self)!r})"
 
 
 @dataclass(frozen=True)
@@ -35,10 +72,10 @@ class JobSnapshot:
     lr: float | None = None
     it_per_s: float | None = None
     eta_s: float | None = None
-    history: tuple[tuple[int, float, float], ...] = ()     # (step, loss, avg_loss)
-    validation: tuple[tuple[int, float], ...] = ()         # (step, validation loss)
-    logs: tuple[str, ...] = ()
-    samples: tuple[tuple[str, str], ...] = ()              # (image path, caption)
+    history: Sequence[tuple[int, float, float]] = ()       # (step, loss, avg_loss); a Prefix, not copied
+    validation: Sequence[tuple[int, float]] = ()           # (step, validation loss)
+    logs: tuple[str, ...] = ()                             # the last 400 lines
+    samples: Sequence[tuple[str, str]] = ()                # (image path, caption)
     result: str | None = None
     error: str | None = None                               # why it failed, or how it was interrupted
     seconds: float | None = None
@@ -83,9 +120,9 @@ class EventFold:
 
     def snapshot(self, version: int, state: str, run: str, **changes: Any) -> JobSnapshot:
         values = {**self.fields, **changes}
-        return JobSnapshot(version=version, state=state, run=run, history=tuple(self.history),
-                           validation=tuple(self.validation), logs=tuple(self.logs), samples=tuple(self.samples),
-                           **values)
+        return JobSnapshot(version=version, state=state, run=run, history=Prefix(self.history),
+                           validation=Prefix(self.validation), logs=tuple(self.logs),
+                           samples=Prefix(self.samples), **values)
 
     def _on_progress(self, e: Any, when: str) -> None:
         if self.history and e.step <= self.history[-1][0]:      # resumed from an earlier checkpoint

@@ -1,9 +1,13 @@
-"""Preview and blend: one cached renderer per base model (adapters attach to it, so changing a strength
-never reloads the model), before/after comparisons, strength sweeps, and saving blends.
+"""Preview and blend: cached renderers, one per base model and at most ``max_models`` of them (least recently
+used evicted and freed; adapters attach to a renderer, so changing a strength never reloads the model),
+before/after comparisons, strength sweeps, and saving blends.
 """
 from __future__ import annotations
 
+import gc
+import sys
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -11,6 +15,8 @@ from typing import Any, Callable, Iterable
 from trainer.errors import TrainerError
 
 from app.runs import RUN_NAME
+
+MAX_MODELS = 2          # base models kept loaded for preview/export (each is GBs for SD1.5/SDXL)
 
 
 @dataclass
@@ -26,24 +32,46 @@ class RenderMixin:
     ``adapter_text_encoding`` (ExportMixin) reads a run's clip skip and token length and ``adapter_model`` its
     base model."""
 
-    _renderers: dict[str, _Cached]
+    _renderers: OrderedDict[str, _Cached]
     _renderer_factory: Callable[[str], Any] | None
     _render_lock: threading.Lock
     model_loads: int
+    max_models: int
     default_model: str
     outputs: Path
+    sandbox: Any                         # app.sandbox.Sandbox: which models the UI may load
 
     def _renderer(self, model: str) -> _Cached:
+        """The renderer of ``model`` (loaded on first use; the caller holds ``_render_lock``). Loading one more
+        than ``max_models`` first evicts the least recently used one and frees its memory."""
         model = (model or self.default_model).strip()
-        if model not in self._renderers:
-            if self._renderer_factory is not None:
-                renderer = self._renderer_factory(model)
-            else:
-                from trainer.render.generate import Renderer
-                renderer = Renderer.load(model)
-            self.model_loads += 1
-            self._renderers[model] = _Cached(renderer)
+        if model in self._renderers:
+            self._renderers.move_to_end(model)
+            return self._renderers[model]
+        self.sandbox.model(model)
+        while len(self._renderers) >= self.max_models:
+            self._evict(next(iter(self._renderers)))
+        if self._renderer_factory is not None:
+            renderer = self._renderer_factory(model)
+        else:
+            from trainer.render.generate import Renderer
+            renderer = Renderer.load(model)
+        self.model_loads += 1
+        self._renderers[model] = _Cached(renderer)
         return self._renderers[model]
+
+    def _evict(self, model: str) -> None:
+        """Drop one cached renderer and give its memory back (Python objects now, CUDA's cache too)."""
+        cached = self._renderers.pop(model)
+        del cached
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def loaded_models(self) -> list[str]:
+        """The base models loaded for preview, least recently used first."""
+        return list(self._renderers)
 
     def render(self, model: str, loras: dict[str, float], prompt: str, negative_prompt: str = "",
                seed: int = 0, steps: int = 20, guidance: float = 7.0, size: int | None = None):

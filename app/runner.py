@@ -22,7 +22,9 @@ from trainer.loop.records import request as file_request
 
 from app.jobs import EventFold, JobSnapshot, stamp
 
-ROOT = Path(__file__).resolve().parent.parent      # where `python -m trainer` is importable
+ROOT = Path(__file__).resolve().parent.parent      # where `python -m trainer` is importable (a checkout or
+#                                                    site-packages); the trainer runs in the UI's cwd, so relative
+#                                                    model paths mean what they meant to the UI
 LOG_FILE = "trainer.log"
 
 
@@ -192,7 +194,7 @@ class ProcessJob:
         with open(run_dir / LOG_FILE, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
             log.flush()
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+            proc = subprocess.Popen(cmd, cwd=os.getcwd(), env=env, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         job = cls(run, run_dir, versions, pid=proc.pid, proc=proc, total_steps=total_steps)
         if processes > 1:

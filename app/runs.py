@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
-import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterable
 
 from trainer import config as tconfig
@@ -16,10 +14,10 @@ from trainer.errors import ConfigError, TrainerError
 from trainer.fileio import atomic_write_text
 
 from app.runner import read_status
+from app.sandbox import Sandbox
 from app.scheduler import JobQueue
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MAX_ZIP_BYTES = 4 << 30
+from app.uploads import IMAGE_EXTENSIONS, Limits
+from app.uploads import add_files as add_uploads
 # = trainer.models.builtin.BUILTIN_DIR, without importing it (diffusers)
 BUILTIN_MODEL_DIR = Path(tconfig.__file__).resolve().parent / "assets" / "builtin"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -28,11 +26,14 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 class RunsMixin:
     """Run folders and datasets. State: ``outputs`` (the folder holding every run), ``jobs`` (the running job
     names the default run; with the queue, each run's state), ``default_model`` and ``_renderers`` (a loaded
-    model already knows its size)."""
+    model already knows its size), ``sandbox`` (the folders imports and models may come from) and ``limits``
+    (upload sizes and counts)."""
 
     outputs: Path
     jobs: JobQueue
     default_model: str
+    sandbox: Sandbox
+    limits: Limits
     _renderers: dict[str, Any]
     _record: Any                       # Service._record: a run's record snapshot
 
@@ -90,72 +91,19 @@ class RunsMixin:
         return self.run_dir(run) / "dataset"
 
     def add_files(self, run: str, paths: Iterable[str | Path]) -> str:
-        """Copy uploaded images / same-stem .txt captions / .zip archives into the run's dataset."""
-        dest = self.dataset_dir(run)
-        dest.mkdir(parents=True, exist_ok=True)
-        images = captions = 0
-        skipped: list[str] = []
-        for p in map(Path, paths):
-            suffix = p.suffix.lower()
-            if suffix == ".zip":
-                i, c, s = self._unzip(p, dest)
-                images, captions, skipped = images + i, captions + c, skipped + s
-            elif suffix in IMAGE_EXTENSIONS:
-                shutil.copyfile(p, dest / p.name)
-                images += 1
-            elif suffix == ".txt":
-                atomic_write_text(dest / p.name, _read_caption(p))
-                captions += 1
-            else:
-                skipped.append(p.name)
-        note = f"Added {images} image(s) and {captions} caption file(s)"
-        if skipped:
-            shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-            note += f"; skipped {len(skipped)} file(s) that are not images, .txt or .zip ({shown})"
-        return note + "."
+        """Copy uploaded images / same-stem .txt captions / .zip archives into the run's dataset, within
+        ``limits`` (app/uploads.py: sizes and counts checked first, taken names get a -N suffix)."""
+        return add_uploads(self.dataset_dir(run), paths, self.limits, len(self.dataset_items(run)))
 
     def import_folder(self, run: str, folder: str) -> str:
-        src = Path(folder.strip()).expanduser()
-        if not folder.strip() or not src.is_dir():
-            raise TrainerError(f"Folder '{folder}' does not exist on the server; give the full path of a folder "
-                               "of images (with .txt captions beside them).", field="folder")
-        files = [p for p in sorted(src.rglob("*")) if p.is_file() and not any(
+        """Copy a server folder's images and captions (under a data root; links out of it refused)."""
+        src = self.sandbox.data_folder(folder)
+        files = [self.sandbox.inside(p, src) for p in sorted(src.rglob("*")) if p.is_file() and not any(
             part.startswith(".") for part in p.relative_to(src).parts)
             and p.suffix.lower() in IMAGE_EXTENSIONS + (".txt",)]
         if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
             raise TrainerError(f"Folder '{src}' has no images ({', '.join(IMAGE_EXTENSIONS)}).", field="folder")
         return self.add_files(run, files)
-
-    def _unzip(self, archive: Path, dest: Path) -> tuple[int, int, list[str]]:
-        """Extract images and captions, flattened to their base names (no paths, links or bombs)."""
-        images = captions = 0
-        skipped: list[str] = []
-        try:
-            with zipfile.ZipFile(archive) as zf:
-                members = [m for m in zf.infolist() if not m.is_dir()]
-                if sum(m.file_size for m in members) > MAX_ZIP_BYTES:
-                    raise TrainerError(f"'{archive.name}' unpacks to more than {MAX_ZIP_BYTES >> 30} GB; "
-                                       "upload a smaller archive.", field="upload")
-                for m in members:
-                    name = PurePosixPath(m.filename.replace("\\", "/")).name
-                    is_link = (m.external_attr >> 16) & 0o170000 == 0o120000
-                    suffix = Path(name).suffix.lower()
-                    if (is_link or not name or name.startswith(".") or "__MACOSX" in m.filename
-                            or suffix not in IMAGE_EXTENSIONS + (".txt",)):
-                        skipped.append(name or m.filename)
-                        continue
-                    with zf.open(m) as src:
-                        data = src.read(m.file_size + 1)
-                    if suffix == ".txt":
-                        atomic_write_text(dest / name, data.decode("utf-8", errors="replace").strip())
-                        captions += 1
-                    else:
-                        (dest / name).write_bytes(data)
-                        images += 1
-        except (zipfile.BadZipFile, OSError) as err:
-            raise TrainerError(f"'{archive.name}' is not a readable .zip file ({err}); re-create it or upload "
-                               "the images directly.", field="upload") from None
-        return images, captions, skipped
 
     def dataset_items(self, run: str) -> list[tuple[str, str, str]]:
         """(file name, image path, caption) per image, sorted by name."""
@@ -276,6 +224,11 @@ class RunsMixin:
             return int(self._renderers[model].renderer.base.resolution)
         # trainer.models.loader knows this too, but importing it (diffusers) takes many seconds; its configs
         # ship as package data, so read them directly.
+        if model != "builtin":
+            try:
+                self.sandbox.model(model)        # read nothing outside the model roots
+            except TrainerError:
+                return 1024 if "xl" in model.lower() else 512
         folder = BUILTIN_MODEL_DIR if model == "builtin" else Path(model).expanduser()
         try:  # a diffusers folder: UNet latent size x VAE downscale, as the pipelines compute it
             unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))

@@ -8,6 +8,7 @@ Everything the UI shows comes from here as plain Python values; failures are ``T
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -18,14 +19,16 @@ from trainer.events import Control
 from app.exporting import ExportMixin
 from app.jobs import JobSnapshot, ThreadJob
 from app.preflight import PreflightMixin
-from app.rendering import RenderMixin, _Cached
+from app.rendering import MAX_MODELS, RenderMixin, _Cached
 from app.runner import ProcessJob, file_request, read_status, record_snapshot, visible_gpus
 from app.runs import BUILTIN_MODEL_DIR, IMAGE_EXTENSIONS, RunsMixin
+from app.sandbox import Sandbox
 from app.scheduler import JobBusy, JobQueue, Overview, Queued
 from app.settings import FieldSpec, SettingsMixin, config_fields
+from app.uploads import Limits
 
 __all__ = ["Service", "JobSnapshot", "Overview", "FieldSpec", "TrainerError", "ConfigError", "config_fields",
-           "IMAGE_EXTENSIONS", "BUILTIN_MODEL_DIR"]
+           "IMAGE_EXTENSIONS", "BUILTIN_MODEL_DIR", "Sandbox", "Limits"]
 
 
 class Service(RunsMixin, SettingsMixin, RenderMixin, ExportMixin, PreflightMixin):
@@ -36,16 +39,20 @@ class Service(RunsMixin, SettingsMixin, RenderMixin, ExportMixin, PreflightMixin
 
     def __init__(self, outputs_dir: str | Path = "outputs", default_model: str = "builtin",
                  presets_dir: str | Path | None = None, train_fn: Callable | None = None,
-                 renderer_factory: Callable[[str], Any] | None = None):
+                 renderer_factory: Callable[[str], Any] | None = None, *, sandbox: Sandbox | None = None,
+                 limits: Limits | None = None, max_models: int = MAX_MODELS):
         self.outputs = Path(outputs_dir).expanduser().resolve()
         self.outputs.mkdir(parents=True, exist_ok=True)
         self.default_model = default_model
-        self.presets_dir = Path(presets_dir) if presets_dir else tconfig.PRESETS_DIR
+        self.presets_dir = Path(presets_dir) if presets_dir else self.outputs / "presets"   # the user's presets
+        self.sandbox = sandbox or Sandbox.build(self.outputs, trusted_models=[default_model])   # app/sandbox.py
+        self.limits = limits or Limits()                          # upload sizes and counts (app/uploads.py)
         self._train_fn = train_fn
         self.jobs = JobQueue(self.outputs, self._launch)
         self._records: dict[str, tuple[tuple, JobSnapshot]] = {}
         self._renderer_factory = renderer_factory
-        self._renderers: dict[str, _Cached] = {}
+        self._renderers: OrderedDict[str, _Cached] = OrderedDict()    # least recently used first
+        self.max_models = max(1, int(max_models))
         self._render_lock = threading.Lock()
         self.model_loads = 0
         self._gpus: int | None = None                # visible CUDA GPUs, counted when first asked

@@ -81,6 +81,7 @@ class SettingsMixin:
 
     default_model: str
     presets_dir: Path
+    sandbox: Any                      # app.sandbox.Sandbox: which base models the UI may load
 
     def fields(self) -> list[FieldSpec]:
         return config_fields()
@@ -98,7 +99,7 @@ class SettingsMixin:
 
     def preset_form(self, name: str, current: dict[str, Any] | None = None) -> dict[str, Any]:
         """Every field as the preset sets it (defaults where it is silent; identity fields kept)."""
-        overlay = tconfig.load_preset(name, self.presets_dir)
+        overlay = tconfig.load_preset(tconfig.check_preset_name(str(name or "")), self.presets_dir, allow_path=False)
         values = to_form(tconfig.from_dict(overlay, tconfig.TrainConfig(model=self.default_model)))
         for k in KEEP_ON_PRESET:
             if current and k in current and k not in overlay:
@@ -110,12 +111,11 @@ class SettingsMixin:
         overlay, errors = _from_form(values)
         config = tconfig.from_dict(overlay, tconfig.TrainConfig(model=self.default_model))
         errors.update({k: v for k, v in config.validate().items() if k not in errors})
-        model = str(config.model).strip()
-        if model and model != "builtin" and (model.startswith((".", "/", "~")) or "\\" in model
-                                              or model.endswith((".safetensors", ".ckpt"))):
-            if not Path(model).expanduser().exists():
-                errors.setdefault("model", f"'{model}' does not exist on the server; give the full path of a "
-                                           ".safetensors/.ckpt file or a diffusers folder.")
+        if "model" not in errors:
+            try:
+                self.sandbox.model(str(config.model))     # under a model root; a hub id needs --allow-downloads
+            except TrainerError as err:
+                errors["model"] = str(err)
         return errors
 
     def build_config(self, run: str, values: dict[str, Any]) -> "tconfig.TrainConfig":

@@ -60,7 +60,9 @@ def theme() -> gr.themes.Base:
 
 
 def launch_options(service: Service) -> dict:
-    return {"theme": theme(), "css": CSS, "allowed_paths": [str(service.outputs)]}
+    """Downloads only from the outputs folder; Gradio refuses uploads over the service's size limit itself."""
+    return {"theme": theme(), "css": CSS, "allowed_paths": [str(service.outputs)],
+            "max_file_size": service.limits.max_bytes}
 
 
 def build_app(service: Service) -> gr.Blocks:

@@ -37,12 +37,10 @@ def tiny_sdxl():
 
 @pytest.fixture
 def service(tmp_path):
-    """A Service over tmp_path/outputs with its own copy of the presets (tests/test_service*.py)."""
-    import shutil
+    """A Service over tmp_path/outputs with its own presets folder (tests/test_service*.py); it may read
+    datasets and models anywhere under tmp_path (app/sandbox.py)."""
+    from app.service import Sandbox, Service
 
-    from app.service import Service
-    from trainer.config import PRESETS_DIR
-
-    presets = tmp_path / "presets"
-    shutil.copytree(PRESETS_DIR, presets)
-    return Service(tmp_path / "outputs", presets_dir=presets)
+    outputs = tmp_path / "outputs"
+    sandbox = Sandbox.build(outputs, data_roots=[tmp_path], model_roots=[tmp_path])
+    return Service(outputs, presets_dir=tmp_path / "presets", sandbox=sandbox)

@@ -59,7 +59,7 @@ def _paced_train(config, listeners, control):
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from app.service import Service
+    from app.service import Sandbox, Service
     from app.ui import build_app, launch_options
     from trainer.config import PRESETS_DIR
 
@@ -67,7 +67,8 @@ def app(tmp_path_factory):
     presets = tmp / "presets"
     shutil.copytree(PRESETS_DIR, presets)
     (presets / "e2e.json").write_text(json.dumps(E2E_PRESET), encoding="utf-8")
-    service = Service(tmp / "outputs", presets_dir=presets, train_fn=_paced_train)
+    service = Service(tmp / "outputs", presets_dir=presets, train_fn=_paced_train,  # imports: tmp or examples/
+                      sandbox=Sandbox.build(tmp / "outputs", data_roots=[tmp, EXAMPLE]))
     # The trainer's first import takes a while on a busy machine: do it while the browser starts.
     threading.Thread(target=service.warm_up, daemon=True).start()
     demo = build_app(service)

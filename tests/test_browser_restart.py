@@ -37,7 +37,8 @@ def start_ui(outputs: Path, log: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "launch.py", "--port", str(port), "--outputs", str(outputs)],
+        proc = subprocess.Popen([sys.executable, "launch.py", "--port", str(port), "--outputs", str(outputs),
+                                 "--data-root", str(outputs.parent)],      # the dataset is imported from there
                                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     end = time.monotonic() + 120
     while f":{port}" not in log.read_text(errors="replace"):

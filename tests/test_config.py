@@ -79,5 +79,6 @@ def test_save_preset_keeps_only_changes(tmp_path):
     path = save_preset(TrainConfig(rank=4, data_dir="/x"), "mine", "my preset", directory=tmp_path)
     data = json.loads(path.read_text())
     assert data == {"description": "my preset", "rank": 4}
-    assert list_presets(tmp_path) == {"mine": "my preset"}
+    listed = list_presets(tmp_path)              # the shipped presets and the user's folder
+    assert listed["mine"] == "my preset" and set(list_presets()) == set(listed) - {"mine"}
     assert resolve(str(path)).rank == 4

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 from .errors import ConfigError, TrainerError
 
 CONFIG_VERSION = 1
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 # Module name suffixes (PEFT ``target_modules`` style, matched against full module paths).
 UNET_CROSS_ATTENTION = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
@@ -267,9 +265,13 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if isinstance(default, list):
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
-            return list(value)
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(value)
+            return [str(v) for v in value]
+        if isinstance(value, (dict, list)):
+            raise TypeError(value)
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         kind = type(default).__name__
         raise ConfigError({name: f"{value!r} is not a valid {kind}."}) from None
 
@@ -277,7 +279,12 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
     """Bring a saved config of an older version up to ``CONFIG_VERSION``."""
     data = dict(data)
-    version = int(data.get("version", CONFIG_VERSION))
+    raw = data.get("version", CONFIG_VERSION)
+    try:
+        version = int(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise TrainerError(f"Config version {raw!r} is not a whole number; a saved config.json has \"version\": "
+                           f"{CONFIG_VERSION}. Fix it or save the config again.", field="version") from None
     if version > CONFIG_VERSION:
         raise TrainerError(
             f"Config version {version} is newer than this trainer understands ({CONFIG_VERSION}); "
@@ -286,8 +293,21 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def load_config(path: str | Path) -> TrainConfig:
+    """A saved config.json (``TrainConfig.save``) as a TrainConfig; TrainerError naming the file when it is not one."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:
+        raise TrainerError(f"Config file '{path}' cannot be read ({err}); give a config.json written by an earlier "
+                           "run.", field="config") from None
+    return from_dict(data)
+
+
 def from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
     """Overlay ``data`` on ``base`` (defaults when None); unknown keys are an error."""
+    if not isinstance(data, dict):
+        raise TrainerError(f"Settings must be a table of field = value, not {type(data).__name__} "
+                           f"({str(data)[:60]!r}); see TrainConfig for the fields.", field="config")
     data = migrate(data) if "version" in data else dict(data)
     base = base or TrainConfig()
     defaults = base.to_dict()
@@ -302,57 +322,6 @@ def from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> TrainCon
     return TrainConfig(**values)
 
 
-# --- presets ----------------------------------------------------------------------------
-def list_presets(directory: Path = PRESETS_DIR) -> dict[str, str]:
-    """Preset name -> one-line description."""
-    out = {}
-    for p in sorted(directory.glob("*.toml")) + sorted(directory.glob("*.json")):
-        out[p.stem] = str(_read_preset_file(p).get("description", ""))
-    return out
-
-
-def _read_preset_file(path: Path) -> dict[str, Any]:
-    try:
-        if path.suffix == ".toml":
-            return tomllib.loads(path.read_text(encoding="utf-8"))
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise TrainerError(f"Preset file '{path}' cannot be read ({err}); fix or delete it.",
-                           field="preset") from None
-
-
-def load_preset(name_or_path: str, directory: Path = PRESETS_DIR) -> dict[str, Any]:
-    """Return a preset's overlay dict (without its description)."""
-    p = Path(name_or_path)
-    if not p.is_file():
-        for ext in (".toml", ".json"):
-            cand = directory / f"{name_or_path}{ext}"
-            if cand.is_file():
-                p = cand
-                break
-        else:
-            names = ", ".join(list_presets(directory)) or "none"
-            raise TrainerError(f"Preset '{name_or_path}' not found; available presets: {names}.",
-                               field="preset")
-    data = _read_preset_file(p)
-    data.pop("description", None)
-    return data
-
-
-def save_preset(config: TrainConfig, name: str, description: str = "",
-                directory: Path = PRESETS_DIR) -> Path:
-    """Save the fields of ``config`` that differ from the defaults as a JSON preset."""
-    from .fileio import atomic_write_text
-    if not name.strip() or any(c in name for c in '/\\:*?"<>|. '):
-        raise TrainerError(f"Preset name {name!r} is not usable; use letters, digits, '-' or '_'.",
-                           field="preset")
-    defaults = TrainConfig().to_dict()
-    skip = {"data_dir", "output_dir", "name", "version"}
-    overlay = {k: v for k, v in config.to_dict().items() if k not in skip and v != defaults[k]}
-    return atomic_write_text(directory / f"{name}.json",
-                             json.dumps({"description": description, **overlay}, indent=2) + "\n")
-
-
 def resolve(preset: str | None = None, overrides: dict[str, Any] | None = None,
             base: TrainConfig | None = None) -> TrainConfig:
     """defaults (or ``base``) -> preset -> overrides (None values ignored), validated."""
@@ -362,3 +331,8 @@ def resolve(preset: str | None = None, overrides: dict[str, Any] | None = None,
     if overrides:
         config = from_dict({k: v for k, v in overrides.items() if v is not None}, config)
     return config.check()
+
+
+# Presets (shipped in the package, and a user's folder) live in presetio.py; these names are part of this module's API.
+from .presetio import (PRESETS_DIR, check_preset_name, list_presets, load_preset,  # noqa: E402,F401
+                       save_preset)

@@ -131,12 +131,14 @@ def read_lora_file(path: str | Path) -> LoraFile:
     path = Path(path)
     tensors, metadata = _load(path)
     peft_style = any(k.split(".", 1)[0] in _PEFT_COMPONENTS for k in tensors)
-    if peft_style:
-        modules, unsupported = _peft_to_modules(tensors, metadata)
-        fmt = "peft"
-    else:
-        modules, unsupported = _parse_kohya(tensors)
-        fmt = "kohya"
+    fmt = "peft" if peft_style else "kohya"
+    try:
+        modules, unsupported = _peft_to_modules(tensors, metadata) if peft_style else _parse_kohya(tensors)
+    except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as err:  # parts that cannot go together
+        raise TrainerError(f"LoRA file '{path.name}' has tensors that do not fit together ({type(err).__name__}: "
+                           f"{err}); it is damaged or not a LoRA. Export or download it again.", field="lora") from None
+    for name, module in modules.items():
+        _check_shapes(path, name, module)
     if not modules:
         lycoris = any(k.startswith("lora_") and k.partition(".")[2].startswith(_LYCORIS) for k in tensors)
         kind = ("a LyCORIS network this tool cannot apply (incomplete LoHa/LoKr/DoRA parts, or OFT, GLoRA, full "
@@ -147,6 +149,24 @@ def read_lora_file(path: str | Path) -> LoraFile:
                            field="lora")
     return LoraFile(path=path, tensors=tensors, metadata=metadata, modules=modules,
                     unsupported=sorted(unsupported), format=fmt)
+
+
+def _check_shapes(path: Path, name: str, module: dict) -> None:
+    """A module's parts must be able to make a weight change: non-empty, LoRA down [r, in(, k, k)] with up
+    [out, r(, 1, 1)], a finite alpha. TrainerError naming the module and its shapes otherwise."""
+    if "parts" in module:
+        parts = module["parts"]
+        ok = all(t.dim() >= 1 and t.numel() > 0 for t in parts.values())
+        shapes = ", ".join(f"{k} {_shape(tuple(t.shape))}" for k, t in parts.items())
+    else:
+        down, up = module["down"], module["up"]
+        ok = (down.dim() in (2, 4) and up.dim() == down.dim() and down.numel() > 0 and up.numel() > 0
+              and up.shape[1] == down.shape[0])
+        shapes = f"lora_down {_shape(tuple(down.shape))}, lora_up {_shape(tuple(up.shape))}"
+    if not ok or not math.isfinite(float(module["alpha"])):
+        raise TrainerError(f"LoRA file '{path.name}': module {name} has parts that cannot form a weight change "
+                           f"({shapes}, alpha {module['alpha']}); the file is damaged. Export or download it again.",
+                           field="lora")
 
 
 # --- placing and applying -----------------------------------------------------------------
