@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable
@@ -97,12 +98,12 @@ def _extract(entry: _Entry, target: Path | None = None) -> bytes:
                     out.write(chunk)
             if seen != m.file_size:
                 raise zipfile.BadZipFile(f"{seen} bytes inside")
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError, zlib.error) as err:
         if target is not None and not isinstance(err, FileExistsError):
             target.unlink(missing_ok=True)
         raise TrainerError(f"'{archive.name}': member '{entry.name}' declares {m.file_size} bytes but does not "
-                           f"unpack to them ({err}): a damaged archive or a zip bomb; nothing more was added. "
-                           "Re-create the archive or upload the images directly.", field="upload") from None
+                           f"unpack to them ({err}): a damaged or encrypted archive, or a zip bomb; nothing more was "
+                           "added. Re-create the archive or upload the images directly.", field="upload") from None
     return b"".join(chunks)
 
 

@@ -356,3 +356,17 @@ def test_snapshots_share_the_history_instead_of_copying_it():
     step(3)                                            # a resume from step 2: a new list, old snapshots unchanged
     resumed = fold.snapshot(3, "running", "r")
     assert [h[0] for h in resumed.history] == [1, 2, 3] and len(later.history) == 8
+
+
+def test_an_encrypted_zip_member_is_a_message_not_a_crash(tmp_path):
+    svc = bounded(tmp_path)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("a.png", png_bytes())
+    data = bytearray(buf.getvalue())
+    struct.pack_into("<H", data, 6, 1)                              # the "encrypted" flag, both headers
+    struct.pack_into("<H", data, data.find(b"PK\x01\x02") + 8, 1)
+    (tmp_path / "locked.zip").write_bytes(bytes(data))
+    with pytest.raises(TrainerError, match="'locked.zip': member 'a.png' .* encrypted"):
+        svc.add_files("r", [tmp_path / "locked.zip"])
+    assert dataset_files(svc, "r") == {}
