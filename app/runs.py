@@ -3,6 +3,7 @@ captions, bulk caption edits, the dataset report and a model's native training s
 """
 from __future__ import annotations
 
+import io
 import json
 import random
 import re
@@ -22,6 +23,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 MAX_ZIP_BYTES = 4 << 30
 # = trainer.models.builtin.BUILTIN_DIR, without importing it (diffusers)
 BUILTIN_MODEL_DIR = Path(tconfig.__file__).resolve().parent / "assets" / "builtin"
+NOT_DATASET = "not an image (PNG, JPEG, WebP, BMP, GIF, TIFF), a .txt caption or a .zip"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -90,28 +92,40 @@ class RunsMixin:
         return self.run_dir(run) / "dataset"
 
     def add_files(self, run: str, paths: Iterable[str | Path]) -> str:
-        """Copy uploaded images / same-stem .txt captions / .zip archives into the run's dataset."""
+        """Copy uploaded images / same-stem .txt captions / .zip archives into the run's dataset. Images that
+        cannot be decoded and other files are not added: the note counts them, and ``rejected_files`` lists
+        each with its reason until the list is cleared."""
+        from app.dataset_state import image_problem
+
         dest = self.dataset_dir(run)
         dest.mkdir(parents=True, exist_ok=True)
         images = captions = 0
-        skipped: list[str] = []
+        added: list[str] = []
+        rejected: list[tuple[str, str]] = []
         for p in map(Path, paths):
             suffix = p.suffix.lower()
             if suffix == ".zip":
-                i, c, s = self._unzip(p, dest)
-                images, captions, skipped = images + i, captions + c, skipped + s
+                i, c, names, r = self._unzip(p, dest)
+                images, captions = images + i, captions + c
+                added, rejected = added + names, rejected + r
             elif suffix in IMAGE_EXTENSIONS:
+                problem = image_problem(p)
+                if problem:
+                    rejected.append((p.name, f"cannot be decoded: {problem}; re-save it as PNG or JPEG"))
+                    continue
                 shutil.copyfile(p, dest / p.name)
                 images += 1
+                added.append(p.name)
             elif suffix == ".txt":
                 atomic_write_text(dest / p.name, _read_caption(p))
                 captions += 1
             else:
-                skipped.append(p.name)
+                rejected.append((p.name, NOT_DATASET))
+        self.note_rejected(run, added, rejected)
         note = f"Added {images} image(s) and {captions} caption file(s)"
-        if skipped:
-            shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-            note += f"; skipped {len(skipped)} file(s) that are not images, .txt or .zip ({shown})"
+        if rejected:
+            shown = ", ".join(n for n, _ in rejected[:5]) + (" ..." if len(rejected) > 5 else "")
+            note += f"; {len(rejected)} file(s) not added ({shown}): see 'Not added' below for why"
         return note + "."
 
     def import_folder(self, run: str, folder: str) -> str:
@@ -126,10 +140,14 @@ class RunsMixin:
             raise TrainerError(f"Folder '{src}' has no images ({', '.join(IMAGE_EXTENSIONS)}).", field="folder")
         return self.add_files(run, files)
 
-    def _unzip(self, archive: Path, dest: Path) -> tuple[int, int, list[str]]:
-        """Extract images and captions, flattened to their base names (no paths, links or bombs)."""
+    def _unzip(self, archive: Path, dest: Path) -> tuple[int, int, list[str], list[tuple[str, str]]]:
+        """Extract images and captions, flattened to their base names (no paths, links or bombs): (images,
+        captions, image names added, (name, reason) not added; hidden and __MACOSX entries go unmentioned)."""
+        from app.dataset_state import image_problem
+
         images = captions = 0
-        skipped: list[str] = []
+        added: list[str] = []
+        skipped: list[tuple[str, str]] = []
         try:
             with zipfile.ZipFile(archive) as zf:
                 members = [m for m in zf.infolist() if not m.is_dir()]
@@ -140,22 +158,27 @@ class RunsMixin:
                     name = PurePosixPath(m.filename.replace("\\", "/")).name
                     is_link = (m.external_attr >> 16) & 0o170000 == 0o120000
                     suffix = Path(name).suffix.lower()
-                    if (is_link or not name or name.startswith(".") or "__MACOSX" in m.filename
-                            or suffix not in IMAGE_EXTENSIONS + (".txt",)):
-                        skipped.append(name or m.filename)
+                    if not name or name.startswith(".") or "__MACOSX" in m.filename:
+                        continue
+                    if is_link or suffix not in IMAGE_EXTENSIONS + (".txt",):
+                        skipped.append((f"{archive.name}: {name}", "a link" if is_link else NOT_DATASET))
                         continue
                     with zf.open(m) as src:
                         data = src.read(m.file_size + 1)
                     if suffix == ".txt":
                         atomic_write_text(dest / name, data.decode("utf-8", errors="replace").strip())
                         captions += 1
+                    elif problem := image_problem(io.BytesIO(data)):
+                        skipped.append((f"{archive.name}: {name}",
+                                        f"cannot be decoded: {problem}; re-save it as PNG or JPEG"))
                     else:
                         (dest / name).write_bytes(data)
                         images += 1
+                        added.append(name)
         except (zipfile.BadZipFile, OSError) as err:
             raise TrainerError(f"'{archive.name}' is not a readable .zip file ({err}); re-create it or upload "
                                "the images directly.", field="upload") from None
-        return images, captions, skipped
+        return images, captions, added, skipped
 
     def dataset_items(self, run: str) -> list[tuple[str, str, str]]:
         """(file name, image path, caption) per image, sorted by name."""
