@@ -20,9 +20,29 @@ REMEMBER_JS = ("(run) => { const name = (run || '').trim(); if (!name) return; "
                "window.history.replaceState(window.history.state, '', url); }")
 
 
+# Page-wide: a link with data-goto-tab="<tab name>" opens that tab (messages point to where the fix is).
+GOTO_TAB_JS = ("() => { document.addEventListener('click', (e) => { const a = e.target.closest('[data-goto-tab]'); "
+               "if (!a) return; e.preventDefault(); const want = a.getAttribute('data-goto-tab'); "
+               "const tab = [...document.querySelectorAll('button[role=tab]')].find(b => b.innerText.trim() === want); "
+               "if (tab) { tab.click(); window.scrollTo(0, 0); } }); }")
+
+
+def goto_tab(tab: str, text: str) -> str:
+    """A link that opens ``tab`` (its label, e.g. "1. Dataset"), for notices (see ``GOTO_TAB_JS``)."""
+    return (f'<a href="#" class="goto-tab" data-goto-tab="{html.escape(tab)}">{html.escape(text)}</a>')
+
+
+def refusal_html(err: Exception) -> str:
+    """Start refused: the message, and for a dataset problem a link to the Dataset tab."""
+    link = ""
+    if getattr(err, "field", None) == "data_dir":
+        link = f'<div class="notice-link">{goto_tab("1. Dataset", "→ Open the 1. Dataset tab to fix it")}</div>'
+    return notice(str(err), "error") + link
+
+
 def pick_run(service: Service, wanted: str | None) -> str:
-    """``wanted`` when it names a run folder (or at least a usable run name the address asked for), else the
-    service's default (the training run, or the newest folder)."""
+    """``wanted`` when it names a run folder, else the service's default (the training run, or the newest
+    folder): a run deleted since this browser showed it does not come back as an empty run."""
     name = (wanted or "").strip()
     if name:
         try:

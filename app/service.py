@@ -15,6 +15,7 @@ from trainer import config as tconfig
 from trainer.errors import ConfigError, TrainerError
 from trainer.events import Control
 
+from app.captioning import CaptionMixin
 from app.dataset_state import DatasetStateMixin
 from app.exporting import ExportMixin
 from app.jobs import JobSnapshot, ThreadJob
@@ -29,7 +30,7 @@ __all__ = ["Service", "JobSnapshot", "Overview", "FieldSpec", "TrainerError", "C
            "IMAGE_EXTENSIONS", "BUILTIN_MODEL_DIR"]
 
 
-class Service(RunsMixin, DatasetStateMixin, SettingsMixin, RenderMixin, ExportMixin, PreflightMixin):
+class Service(RunsMixin, DatasetStateMixin, CaptionMixin, SettingsMixin, RenderMixin, ExportMixin, PreflightMixin):
     """All app state that outlives a page: the outputs folder, the jobs, loaded models. Each concern lives in
     its mixin; ``__init__`` sets the state they share. ``jobs`` (a JobQueue) runs each training as a trainer
     process, or with ``train_fn`` (tests) in a thread of this one; on start it reattaches to a run still

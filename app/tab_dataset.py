@@ -341,7 +341,8 @@ def _connect(service: Service, run: gr.Dropdown, ui: _Controls, fields: dict[str
         on_report, ctx, [ui.report], show_progress="hidden")
     for key, box in (("trigger_word", ui.trigger), ("import_folder", ui.folder), ("caption_model", ui.captioner.model)):
         box.input(keep(key), [run, box], None, show_progress="hidden", queue=False)
-    tab_caption.connect(service, ui.captioner, run, fields["caption_extension"], ui.trigger, outs)
+    tab_caption.connect(service, ui.captioner, run, fields["caption_extension"], ui.trigger, outs,
+                        functools.partial(_state, service))
     ui.trigger.blur(on_report, ctx, [ui.report], show_progress="hidden")
     fields["caption_extension"].blur(on_report, ctx, [ui.report], show_progress="hidden")
     tools = [fields["shuffle_tags"], fields["keep_tokens"], fields["tag_dropout"]]

@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 
 from app.common import guard, label, notice
+from app.page_state import refusal_html
 from app.service import FieldSpec, JobSnapshot, Service, TrainerError
 from app.estimate_view import Preflight
 from app.train_view import CHART_HELP, FOLLOW_LOG_JS, SERIES_COLOURS, chart_update, progress_html, queue_html
@@ -320,7 +321,7 @@ def _wire_training(service: Service, form: _Form, run: gr.Dropdown, advanced: gr
             config = service.start_training(run_name, form.as_values(values), gpus)
         except TrainerError as err:  # shown inline (and as a toast); raising would mark every field red
             gr.Warning(str(err), title="Not started")
-            return [notice(str(err), "error"), gr.skip(), *updates, line]
+            return [refusal_html(err), gr.skip(), *updates, line]
         ahead = service.jobs.position(run_name)
         if ahead is not None:
             return [notice(f"Queued run '{run_name}', {ahead} ahead: it starts when the run(s) before it end.",

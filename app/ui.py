@@ -49,6 +49,11 @@ CSS = """
 .where code { word-break: break-all; }
 .upscale img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }
 .facts { display: flex; flex-wrap: wrap; gap: 6px; margin: 6px 0; }
+.card-unreadable { border: 2px solid #dc2626 !important; background: #fdecec; }
+.unreadable-mark { height: 140px; display: flex; align-items: center; justify-content: center; text-align: center;
+                   color: #7f1d1d; font-weight: 600; font-size: 0.85em; padding: 6px; }
+.rejected-list { margin: 4px 0 0 1.2em; }
+.goto-tab { font-weight: 600; text-decoration: underline; }
 """
 
 
@@ -60,7 +65,7 @@ def theme() -> gr.themes.Base:
 
 
 def launch_options(service: Service) -> dict:
-    return {"theme": theme(), "css": CSS, "allowed_paths": [str(service.outputs)]}
+    return {"theme": theme(), "css": CSS, "js": page_state.GOTO_TAB_JS, "allowed_paths": [str(service.outputs)]}
 
 
 def build_app(service: Service) -> gr.Blocks:
@@ -89,7 +94,7 @@ def build_app(service: Service) -> gr.Blocks:
 
         def on_run(name: str):   # the dataset report follows ds.items (app/tab_dataset.py)
             try:
-                return page_state.run_notice(service, name), tab_dataset.refresh(service, name)[0]
+                return page_state.run_notice(service, name), tab_dataset.refresh(service, name)
             except Exception as err:  # noqa: BLE001 - shown inline next to the run box
                 return notice(str(err), "error"), {"run": name, "items": []}
 
