@@ -53,11 +53,11 @@ class DatasetStateMixin:
             raise TrainerError(f"'{key}' is not a dataset setting; use one of {', '.join(DATASET_SETTINGS)}.",
                                field=key)
         run_dir = self.run_dir(run)
-        run_dir.mkdir(parents=True, exist_ok=True)
         saved = _read_json(run_dir / SETTINGS_FILE, {})
         saved = saved if isinstance(saved, dict) else {}
-        if saved.get(key) == (value or ""):
+        if saved.get(key, "") == (value or ""):    # unchanged (an empty box on a page just opened makes no folder)
             return
+        run_dir.mkdir(parents=True, exist_ok=True)
         saved[key] = value or ""
         atomic_write_text(run_dir / SETTINGS_FILE, json.dumps(saved, indent=1) + "\n")
 

@@ -13,7 +13,8 @@ from app import tab_caption
 from app.common import guard, notice
 from app.service import Service, TrainerError
 
-UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".txt", ".zip"]
+# No file_types on the drop zone: the browser would refuse other files with a toast that vanishes; the server
+# takes what it can and lists the rest, each with why, under "Not added" (app/dataset_state.py).
 
 
 @dataclass
@@ -128,7 +129,7 @@ def build(service: Service, run: gr.Dropdown) -> DatasetTab:
                 "saved in the run folder, so reloading the page loses nothing.")
     upload, trigger, folder, import_btn = _upload_row()
     status = gr.HTML(elem_id="dataset-status")
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=False):
         rejected = gr.HTML(elem_id="dataset-rejected")
         clear_rejected = gr.Button("Clear this list", size="sm", visible=False, scale=0, min_width=120,
                                    elem_id="clear-rejected-btn")
@@ -150,7 +151,7 @@ def _upload_row() -> tuple[gr.File, gr.Textbox, gr.Textbox, gr.Button]:
     """The drop zone beside the trigger word and the server-folder import."""
     with gr.Row(equal_height=True):
         upload = gr.File(label="Drop images, .txt captions or a .zip here", file_count="multiple",
-                         file_types=UPLOAD_TYPES, elem_id="dataset-upload", height=150, scale=3)
+                         elem_id="dataset-upload", height=150, scale=3)
         with gr.Column(scale=2):
             trigger = gr.Textbox(label="Trigger word", placeholder="e.g. zkw", elem_id="trigger-word",
                                  info="A rare word that calls up your subject. It is put first in every "
@@ -340,7 +341,7 @@ def _connect(service: Service, run: gr.Dropdown, ui: _Controls, fields: dict[str
     run.change(on_run, [run], [ui.trigger, ui.folder, ui.captioner.model]).then(
         on_report, ctx, [ui.report], show_progress="hidden")
     for key, box in (("trigger_word", ui.trigger), ("import_folder", ui.folder), ("caption_model", ui.captioner.model)):
-        box.input(keep(key), [run, box], None, show_progress="hidden", queue=False)
+        box.change(keep(key), [run, box], None, show_progress="hidden", queue=False)   # typed, or loaded
     tab_caption.connect(service, ui.captioner, run, fields["caption_extension"], ui.trigger, outs,
                         functools.partial(_state, service))
     ui.trigger.blur(on_report, ctx, [ui.report], show_progress="hidden")
