@@ -13,9 +13,10 @@ from app.service import JobSnapshot, Overview
 
 CHART_POINTS = 400
 CHART_MIN_STEPS = 30     # the x axis spans at least this many steps, so its ticks fall on whole steps
-# After each log update (and the first one after a reload), show the newest line.
-FOLLOW_LOG_JS = ("() => { const t = document.querySelector('#train-log textarea'); "
-                 "if (t) { t.scrollTop = t.scrollHeight; } }")
+# After each log update, and when the Train tab is opened (a log filled while its tab was hidden, as after a
+# reload, cannot scroll), show the newest line; a moment later, once the browser has drawn the new text.
+FOLLOW_LOG_JS = ("() => { setTimeout(() => { const t = document.querySelector('#train-log textarea'); "
+                 "if (t) { t.scrollTop = t.scrollHeight; } }, 150); }")
 # The chart's series, their legend names and colours: the noisy per-step loss light, its trend dark, and the
 # held-out loss in a contrasting hue (blue/orange stay apart for colour-blind eyes too).
 TRAIN_SERIES, AVG_SERIES, VAL_SERIES = "training loss", "running average", "validation loss"

@@ -10,6 +10,7 @@ import gradio as gr
 from app import page_state, tab_blend, tab_dataset, tab_export, tab_preview, tab_train
 from app.common import notice
 from app.service import Service
+from app.train_view import FOLLOW_LOG_JS
 
 CSS = """
 .gradio-container { max-width: 1280px !important; margin: auto; }
@@ -81,7 +82,7 @@ def build_app(service: Service) -> gr.Blocks:
         with gr.Tabs(elem_id="steps"):
             with gr.Tab("1. Dataset", id="dataset"):
                 ds = tab_dataset.build(service, run)
-            with gr.Tab("2. Train", id="train"):
+            with gr.Tab("2. Train", id="train") as train_tab:
                 trigger_line = gr.HTML(page_state.trigger_html(""), elem_id="train-trigger")
                 tr = tab_train.build(service, run, ds.trigger)
             with gr.Tab("3. Preview", id="preview") as preview_tab:
@@ -139,6 +140,7 @@ def build_app(service: Service) -> gr.Blocks:
         run.focus(on_focus, None, [run], show_progress="hidden", queue=False)
         tr.timer.tick(on_jobs_tick, [jobs_seen, run], [jobs_seen, run, run_notice], show_progress="hidden",
                       queue=False)
+        train_tab.select(None, None, None, js=FOLLOW_LOG_JS)
         preview_tab.select(adapter_lists, [pv.adapter], [pv.adapter], show_progress="hidden")
         export_tab.select(adapter_lists, [ex.adapter], [ex.adapter], show_progress="hidden")
         blend_tab.select(blend_lists, bl.adapters, bl.adapters, show_progress="hidden")

@@ -125,7 +125,7 @@ def test_rejected_files_stay_listed_and_a_bad_dataset_is_refused_before_start(ap
 
     tab(page, "2. Train")
     page.wait_for_selector("#train-trigger >> text=Trigger word: zkw")
-    choose(page, "preset", "quick")
+    choose(page, "preset", "quick — ")
     fill(page, "field-max_train_steps", 2)
     page.click("#start-btn")
     page.wait_for_selector("#train-notice .notice-error >> text=Not started: 1 file(s)")
@@ -183,9 +183,11 @@ def test_page_stays_on_its_run_while_another_trains(app, page):
     second.wait_for_function("(() => { const t = document.querySelector('#train-log textarea'); "
                              "return t.scrollHeight > t.clientHeight && t.scrollTop + t.clientHeight >= "
                              "t.scrollHeight - 4; })()")
-    ticks = second.locator("#loss-plot .role-axis").first.locator("text").all_text_contents()
-    labels = [t for t in ticks if t.strip() and t.strip() != "step"]
+    x_labels = "#loss-plot [aria-roledescription=axis][aria-label^='X-axis'] .role-axis-label text"
+    second.wait_for_selector(x_labels)
+    labels = second.locator(x_labels).all_text_contents()
     assert labels and all(t.replace(",", "").isdigit() for t in labels), labels      # whole steps only
+    assert labels[0] == "0" and int(labels[-1].replace(",", "")) >= 30, labels     # the axis spans the run
     second.screenshot(path=str(SHOTS / "walk-6-other-run-log.png"), full_page=True)
     log.scroll_into_view_if_needed()
     second.close()
