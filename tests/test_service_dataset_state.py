@@ -89,3 +89,14 @@ def test_unreadable_images_are_found_removed_and_refused_before_training(service
     assert service.remove_unreadable("r") == ["broken.png"]
     assert not (service.dataset_dir("r") / "broken.txt").exists()
     assert len(service.dataset_items("r")) == 3 and service.unreadable_images("r") == {}
+
+
+def test_the_page_opens_on_the_run_it_asked_for_when_that_run_exists(service, tmp_path):
+    from app.page_state import pick_run, run_notice
+
+    service.add_files("mine", sorted(make_dataset(tmp_path / "src", n=2).iterdir()))
+    service.add_files("newer", sorted(make_dataset(tmp_path / "src2", n=2).iterdir()))
+    assert pick_run(service, "mine") == "mine"
+    assert pick_run(service, "") == service.default_run() == "newer"
+    assert pick_run(service, "deleted-since") == "newer" and pick_run(service, "../etc") == "newer"
+    assert run_notice(service, "mine").count("<div") == 1 and "Run folder:" in run_notice(service, "mine")
