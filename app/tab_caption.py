@@ -8,7 +8,7 @@ from typing import Callable
 import gradio as gr
 
 from app.common import guard, notice
-from app.service import Service
+from app.service import Service, TrainerError
 
 
 @dataclass
@@ -43,10 +43,13 @@ def connect(service: Service, tools: CaptionTools, run: gr.Dropdown, caption_ext
         @guard
         def caption(run_name: str, model: str, ext: str, trig: str, use_trigger: bool, progress=gr.Progress()):
             progress(0.0, desc="Loading the captioning model…")
-            note = service.caption_dataset(run_name, model, overwrite=overwrite,
-                                           prefix=(trig or "") if use_trigger else "", caption_extension=ext,
-                                           progress=lambda done, total: progress(done / max(total, 1),
-                                                                                 desc=f"Captioned {done}/{total}"))
+            try:
+                note = service.caption_dataset(run_name, model, overwrite=overwrite,
+                                               prefix=(trig or "") if use_trigger else "", caption_extension=ext,
+                                               progress=lambda done, total: progress(
+                                                   done / max(total, 1), desc=f"Captioned {done}/{total}"))
+            except TrainerError as err:   # no model, a wrong folder...: said where the status line stays
+                return notice(str(err), "error"), gr.skip()
             return notice(note, "warn" if "could not be read" in note else "ok"), state(run_name)
         return caption
 

@@ -100,3 +100,12 @@ def test_the_page_opens_on_the_run_it_asked_for_when_that_run_exists(service, tm
     assert pick_run(service, "") == service.default_run() == "newer"
     assert pick_run(service, "deleted-since") == "newer" and pick_run(service, "../etc") == "newer"
     assert run_notice(service, "mine").count("<div") == 1 and "Run folder:" in run_notice(service, "mine")
+
+
+def test_caption_dataset_without_a_model_says_what_to_set(service, tmp_path):
+    service.add_files("r", sorted(make_dataset(tmp_path / "src", n=1, captions=False).iterdir()))
+    with pytest.raises(TrainerError, match="No captioning model is set"):
+        service.caption_dataset("r", "  ")
+    with pytest.raises(TrainerError, match="caption_extension"):
+        service.caption_dataset("r", "/models/x", caption_extension="txt/")
+    assert not list(service.dataset_dir("r").glob("*.txt"))
