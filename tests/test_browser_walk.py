@@ -115,7 +115,7 @@ def test_rejected_files_stay_listed_and_a_bad_dataset_is_refused_before_start(ap
     wait_loaded(page)
     assert "run=walk" in page.url
     assert page.input_value("#run-name input") == "walk"
-    page.wait_for_function("document.querySelector('#trigger-word input, #trigger-word textarea').value === 'zkw'")
+    page.wait_for_function("document.querySelector('#trigger-word input, #trigger-word textarea')?.value === 'zkw'")
     page.wait_for_selector("#dataset-rejected >> text=Not added (2)")           # ... and the list
     page.wait_for_selector(".card-unreadable >> text=cannot be read")          # marked on its card
     page.wait_for_selector("#dataset-report >> text=will stop training")
@@ -144,11 +144,11 @@ def test_rejected_files_stay_listed_and_a_bad_dataset_is_refused_before_start(ap
     page.wait_for_function("!document.querySelector('#dataset-report').innerText.includes('will stop training')")
     page.locator(".remove-btn").first.click()                                     # any change refreshes it
     page.wait_for_selector("text=5 images.")
-    page.wait_for_function("document.querySelector('#dataset-report').innerText.includes('5 images')")
+    page.wait_for_function("document.querySelector('#dataset-report')?.innerText?.includes('5 images')")
     box = page.locator(".caption-box textarea").first
     box.fill("")
     box.press("Tab")                                                              # a caption edit too
-    page.wait_for_function("document.querySelector('#dataset-report').innerText.includes('1 missing captions')")
+    page.wait_for_function("document.querySelector('#dataset-report')?.innerText?.includes('1 missing captions')")
     shot(page, "walk-4-report-fresh")
 
 
@@ -175,13 +175,13 @@ def test_page_stays_on_its_run_while_another_trains(app, page):
     second.get_by_role("tab", name="2. Train").click()
     second.wait_for_function("document.querySelector('#train-progress .progress-card')?.dataset.step >= 8")
     log = second.locator("#train-log textarea")
-    second.wait_for_function("document.querySelector('#train-log textarea').value.split('\\n').length > 8")
+    second.wait_for_function("document.querySelector('#train-log textarea')?.value?.split('\\n').length > 8")
     second.reload()                                     # after a reload the log shows its newest line
     wait_loaded(second)
     second.get_by_role("tab", name="2. Train").click()
-    second.wait_for_function("document.querySelector('#train-log textarea').value.split('\\n').length > 8")
+    second.wait_for_function("document.querySelector('#train-log textarea')?.value?.split('\\n').length > 8")
     second.wait_for_function("(() => { const t = document.querySelector('#train-log textarea'); "
-                             "return t.scrollHeight > t.clientHeight && t.scrollTop + t.clientHeight >= "
+                             "return !!t && t.scrollHeight > t.clientHeight && t.scrollTop + t.clientHeight >= "
                              "t.scrollHeight - 4; })()")
     x_labels = "#loss-plot [aria-roledescription=axis][aria-label^='X-axis'] .role-axis-label text"
     second.wait_for_selector(x_labels)
@@ -204,16 +204,16 @@ def test_auto_caption_fills_the_editor_and_export_is_one_download_button(app, pa
     fill(page, "caption-model", str(model))
     page.click("#caption-missing-btn")
     page.wait_for_selector("#dataset-status >> text=Captioned 1 image(s); kept 4 existing caption(s).")
-    page.wait_for_function("document.querySelector('.caption-box textarea').value.startsWith('zkw, ')")
+    page.wait_for_function("document.querySelector('.caption-box textarea')?.value?.startsWith('zkw, ')")
     written = sorted(app.service.dataset_dir("walk").glob("*.txt"))[0].read_text(encoding="utf-8")
     assert written.startswith("zkw, ") and page.locator(".caption-box textarea").first.input_value() == written
-    page.wait_for_function("document.querySelector('#dataset-report').innerText.includes('0 missing captions')")
+    page.wait_for_function("document.querySelector('#dataset-report')?.innerText?.includes('0 missing captions')")
     shot(page, "walk-7-auto-captioned")
     page.reload()
     wait_loaded(page)
     page.click("#caption-accordion .label-wrap")
-    page.wait_for_function("v => document.querySelector('#caption-model textarea, #caption-model input').value === v",
-                           arg=str(model))
+    page.wait_for_function("v => document.querySelector('#caption-model textarea, #caption-model input')?.value === v",
+                           arg=str(model))      # the accordion's box may be drawn a moment after the click
 
     tab(page, "5. Export")
     choose(page, "export-adapter", "other/lora.safetensors")
@@ -222,7 +222,7 @@ def test_auto_caption_fills_the_editor_and_export_is_one_download_button(app, pa
     page.click("#export-btn")
     button = page.locator("#export-file")
     button.wait_for(state="visible")
-    page.wait_for_function("document.querySelector('#export-file').innerText.includes('Download lora.safetensors')")
+    page.wait_for_function("document.querySelector('#export-file')?.innerText?.includes('Download lora.safetensors')")
     with page.expect_download() as info:
         button.click()
     target = app.tmp / "downloaded.safetensors"
