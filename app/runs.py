@@ -92,8 +92,14 @@ class RunsMixin:
 
     def add_files(self, run: str, paths: Iterable[str | Path]) -> str:
         """Copy uploaded images / same-stem .txt captions / .zip archives into the run's dataset, within
-        ``limits`` (app/uploads.py: sizes and counts checked first, taken names get a -N suffix)."""
-        return add_uploads(self.dataset_dir(run), paths, self.limits, len(self.dataset_items(run)))
+        ``limits`` (app/uploads.py: sizes and counts checked first, taken names get a -N suffix). Images that
+        cannot be decoded and other files are not added: the note counts them, and ``rejected_files`` lists
+        each with its reason until the list is cleared."""
+        from app.dataset_state import image_problem
+
+        done = add_uploads(self.dataset_dir(run), paths, self.limits, len(self.dataset_items(run)), image_problem)
+        self.note_rejected(run, done.added, done.rejected)
+        return done.note
 
     def import_folder(self, run: str, folder: str) -> str:
         """Copy a server folder's images and captions (under a data root; links out of it refused)."""

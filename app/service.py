@@ -16,6 +16,8 @@ from trainer import config as tconfig
 from trainer.errors import ConfigError, TrainerError
 from trainer.events import Control
 
+from app.captioning import CaptionMixin
+from app.dataset_state import DatasetStateMixin
 from app.exporting import ExportMixin
 from app.jobs import JobSnapshot, ThreadJob
 from app.preflight import PreflightMixin
@@ -31,7 +33,7 @@ __all__ = ["Service", "JobSnapshot", "Overview", "FieldSpec", "TrainerError", "C
            "IMAGE_EXTENSIONS", "BUILTIN_MODEL_DIR", "Sandbox", "Limits"]
 
 
-class Service(RunsMixin, SettingsMixin, RenderMixin, ExportMixin, PreflightMixin):
+class Service(RunsMixin, DatasetStateMixin, CaptionMixin, SettingsMixin, RenderMixin, ExportMixin, PreflightMixin):
     """All app state that outlives a page: the outputs folder, the jobs, loaded models. Each concern lives in
     its mixin; ``__init__`` sets the state they share. ``jobs`` (a JobQueue) runs each training as a trainer
     process, or with ``train_fn`` (tests) in a thread of this one; on start it reattaches to a run still
@@ -96,6 +98,7 @@ class Service(RunsMixin, SettingsMixin, RenderMixin, ExportMixin, PreflightMixin
         if not self.dataset_items(run):
             raise TrainerError(f"Run '{run}' has no images yet; add some on the Dataset tab first.",
                                field="data_dir")
+        self.refuse_unreadable(run)      # the report already knows: training would stop on them
         self._refuse_if_trained_elsewhere(run)
         self._submit(Queued(run, "train", config.to_dict(), processes=processes))
         return config

@@ -128,10 +128,15 @@ class SettingsMixin:
         return tconfig.from_dict(overlay, tconfig.TrainConfig(model=self.default_model)).check()
 
     def saved_form(self, run: str) -> dict[str, Any] | None:
-        """The settings of the run's last training (its config.json), if any."""
+        """The settings of the run's last training (its config.json), if any, with the trigger word as last
+        typed on the Dataset tab (``dataset_settings``)."""
         try:
             path = self.run_dir(run) / "config.json"
-            return to_form(tconfig.from_dict(json.loads(path.read_text(encoding="utf-8")))) if path.is_file() else None
+            if not path.is_file():
+                return None
+            values = to_form(tconfig.from_dict(json.loads(path.read_text(encoding="utf-8"))))
+            values["trigger_word"] = self.dataset_settings(run).get("trigger_word", values["trigger_word"])
+            return values
         except (TrainerError, OSError, ValueError):
             return None
 

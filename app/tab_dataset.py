@@ -9,10 +9,12 @@ from typing import Callable
 
 import gradio as gr
 
+from app import tab_caption
 from app.common import guard, notice
 from app.service import Service, TrainerError
 
-UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".txt", ".zip"]
+# No file_types on the drop zone: the browser would refuse other files with a toast that vanishes; the server
+# takes what it can and lists the rest, each with why, under "Not added" (app/dataset_state.py).
 
 
 @dataclass
@@ -43,19 +45,32 @@ class _Controls:
     preview: gr.HTML
     draws: gr.State          # preview clicks so far: the seed of the next draw
     items: gr.State
+    edits: gr.State          # caption edits so far: each one refreshes the report
+    rejected: gr.HTML
+    clear_rejected: gr.Button
+    captioner: tab_caption.CaptionTools
 
 
-def refresh(service: Service, run: str, trigger: str = "", resolution: int = 0, model: str = "",
-            caption_extension: str = ".txt"):
-    """(items state, report html) for a run; other parts of the page chain to this."""
-    return _state(service, run), _report_html(service, run, trigger, resolution, model, caption_extension)
+def refresh(service: Service, run: str) -> dict:
+    """The items state of a run (the report follows it: ``items.change``); other parts of the page chain to this."""
+    return _state(service, run)
 
 
 def _state(service: Service, run: str) -> dict:
+    """{"run", "items": [(name, path, caption)], "unreadable": {name: reason}}."""
     try:
-        return {"run": run, "items": service.dataset_items(run)}
+        return {"run": run, "items": service.dataset_items(run), "unreadable": service.unreadable_images(run)}
     except Exception:  # noqa: BLE001 - an unusable run name shows an empty dataset, the run box says why
-        return {"run": run, "items": []}
+        return {"run": run, "items": [], "unreadable": {}}
+
+
+def _rejected_html(rows: list[tuple[str, str]]) -> str:
+    """The files uploads did not add, each with why; kept with the run until cleared."""
+    if not rows:
+        return ""
+    items = "".join(f"<li><b>{html.escape(n)}</b> — {html.escape(why)}</li>" for n, why in rows)
+    return (f'<div class="notice notice-warn rejected"><b>Not added ({len(rows)})</b>: these files are not in the '
+            f'dataset.<ul class="rejected-list">{items}</ul></div>')
 
 
 def _report_html(service: Service, run: str, trigger: str = "", resolution: int = 0, model: str = "",
@@ -114,13 +129,19 @@ def build(service: Service, run: gr.Dropdown) -> DatasetTab:
                 "saved in the run folder, so reloading the page loses nothing.")
     upload, trigger, folder, import_btn = _upload_row()
     status = gr.HTML(elem_id="dataset-status")
+    with gr.Row(equal_height=False):
+        rejected = gr.HTML(elem_id="dataset-rejected")
+        clear_rejected = gr.Button("Clear this list", size="sm", visible=False, scale=0, min_width=120,
+                                   elem_id="clear-rejected-btn")
     report = gr.HTML(elem_id="dataset-report")
+    captioner = tab_caption.build()
     prefix_btn, clear_btn, find, replace, replace_btn = _bulk_edits()
     preview_btn, preview = _tag_tools()
-    items = gr.State({"run": "", "items": []})
-    _caption_cards(service, items, status)
+    items = gr.State({"run": "", "items": [], "unreadable": {}})
+    edits = gr.State(0)
+    _caption_cards(service, items, status, edits)
     ui = _Controls(upload, trigger, folder, import_btn, status, report, prefix_btn, clear_btn, find, replace,
-                   replace_btn, preview_btn, preview, gr.State(0), items)
+                   replace_btn, preview_btn, preview, gr.State(0), items, edits, rejected, clear_rejected, captioner)
     return DatasetTab(items=items, report=report, status=status, trigger=trigger,
                       connect=functools.partial(_connect, service, run, ui))
 
@@ -130,7 +151,7 @@ def _upload_row() -> tuple[gr.File, gr.Textbox, gr.Textbox, gr.Button]:
     """The drop zone beside the trigger word and the server-folder import."""
     with gr.Row(equal_height=True):
         upload = gr.File(label="Drop images, .txt captions or a .zip here", file_count="multiple",
-                         file_types=UPLOAD_TYPES, elem_id="dataset-upload", height=150, scale=3)
+                         elem_id="dataset-upload", height=150, scale=3)
         with gr.Column(scale=2):
             trigger = gr.Textbox(label="Trigger word", placeholder="e.g. zkw", elem_id="trigger-word",
                                  info="A rare word that calls up your subject. It is put first in every "
@@ -185,38 +206,57 @@ def _preview_html(rows: list[tuple[str, str, str]], shuffle: bool, keep: int, dr
             f"</thead><tbody>{body}</tbody></table>")
 
 
-def _caption_cards(service: Service, items: gr.State, status: gr.HTML) -> None:
-    """A card per image (picture, name, caption box, Remove), five to a row, drawn again when ``items`` changes."""
+def _caption_cards(service: Service, items: gr.State, status: gr.HTML, edits: gr.State) -> None:
+    """A card per image (picture, name, caption box, Remove), five to a row, drawn again when ``items`` changes;
+    an image training cannot decode says so on its card, and one button removes them all."""
 
     @gr.render(inputs=[items])
     def cards(state: dict):
-        run_name, rows = state.get("run", ""), state.get("items", [])
+        run_name, rows, bad = state.get("run", ""), state.get("items", []), state.get("unreadable", {})
         if not rows:
             gr.Markdown("*No images in this run yet.*")
             return
         gr.Markdown(f"**{len(rows)} images.** Edit a caption and click elsewhere (or press Enter) to save it.")
+        if bad:
+            with gr.Row(equal_height=True):
+                gr.HTML(notice(f"{len(bad)} file(s) cannot be read and would stop training (marked below).",
+                               "error"))
+                purge = gr.Button(f"Remove unreadable files ({len(bad)})", variant="stop", size="sm", scale=0,
+                                  min_width=220, elem_id="remove-unreadable-btn")
+
+            def remove_bad():
+                names = service.remove_unreadable(run_name)
+                return _state(service, run_name), notice(f"Removed {len(names)} unreadable file(s): "
+                                                         f"{', '.join(names)}.", "ok")
+
+            purge.click(guard(remove_bad), None, [items, status])
         for start in range(0, len(rows), 5):
             with gr.Row(equal_height=True):
                 for name, path, caption in rows[start:start + 5]:
-                    with gr.Column(min_width=150, elem_classes=["caption-card"]):
-                        gr.Image(path, show_label=False, height=140, interactive=False, buttons=[],
-                                 container=False, key=f"img-{name}")
+                    broken = bad.get(name)
+                    with gr.Column(min_width=150, elem_classes=["caption-card"] + (["card-unreadable"] * bool(broken))):
+                        if broken:   # no picture to show: say why instead of a broken-image icon
+                            gr.HTML(f'<div class="unreadable-mark">⚠ cannot be read: {html.escape(broken)}</div>',
+                                    key=f"bad-{name}")
+                        else:
+                            gr.Image(path, show_label=False, height=140, interactive=False, buttons=[],
+                                     container=False, key=f"img-{name}")
                         gr.HTML(f'<div class="file-name">{html.escape(name)}</div>', key=f"name-{name}")
                         box = gr.Textbox(caption, show_label=False, lines=2, max_lines=6, key=f"cap-{name}",
                                          placeholder="no caption (the trigger word is used)",
                                          elem_classes=["caption-box"], interactive=True)
                         remove = gr.Button("Remove", size="sm", elem_classes=["remove-btn"], key=f"rm-{name}")
 
-                        def save(text: str, _name: str = name) -> str:
+                        def save(text: str, count: int, _name: str = name):
                             service.set_caption(run_name, _name, text)
-                            return notice(f"Saved the caption of {_name}.", "ok")
+                            return notice(f"Saved the caption of {_name}.", "ok"), count + 1
 
                         def drop(_name: str = name):
                             service.remove_image(run_name, _name)
                             return _state(service, run_name), notice(f"Removed {_name}.", "ok")
 
-                        box.blur(guard(save), [box], [status], show_progress="hidden")
-                        box.submit(guard(save), [box], [status], show_progress="hidden")
+                        box.blur(guard(save), [box, edits], [status, edits], show_progress="hidden")
+                        box.submit(guard(save), [box, edits], [status, edits], show_progress="hidden")
                         remove.click(guard(drop), None, [items, status])
                 for pad in range(5 - len(rows[start:start + 5])):  # keep the last row's cards card-sized
                     gr.Column(min_width=150, key=f"pad-{pad}")
@@ -227,35 +267,59 @@ def _connect(service: Service, run: gr.Dropdown, ui: _Controls, fields: dict[str
     """``fields`` = the Train tab's TrainConfig inputs: the report checks sizes against resolution and model and
     reads caption_extension files; the tag preview follows shuffle_tags, keep_tokens and tag_dropout."""
     ctx = [run, ui.trigger, fields["resolution"], fields["model"], fields["caption_extension"]]
-    outs = [ui.status, ui.items, ui.report]
+    outs = [ui.status, ui.items]          # the report and the 'Not added' list follow ui.items
 
     @guard
-    def on_upload(files: list[str] | None, run_name: str, trig: str, res, model: str, ext: str):
+    def on_upload(files: list[str] | None, run_name: str):
         note = service.add_files(run_name, files or [])
-        return (None, notice(note, "ok"), _state(service, run_name),
-                _report_html(service, run_name, trig, res, model, ext))
+        return None, notice(note, "warn" if "not added" in note else "ok"), _state(service, run_name)
 
     @guard
-    def on_import(path: str, run_name: str, trig: str, res, model: str, ext: str):
+    def on_import(path: str, run_name: str):
         note = service.import_folder(run_name, path)
-        return (notice(note, "ok"), _state(service, run_name),
-                _report_html(service, run_name, trig, res, model, ext))
+        return notice(note, "warn" if "not added" in note else "ok"), _state(service, run_name)
 
     def bulk(action: str):
         @guard
-        def handler(run_name: str, trig: str, res, model: str, ext: str, a: str = "", b: str = ""):
+        def handler(run_name: str, trig: str, a: str = "", b: str = ""):
             if action == "prefix":
                 msg = f"Put '{trig.strip()}' first in {service.bulk_prefix(run_name, trig)} caption(s)."
             elif action == "replace":
                 msg = f"Replaced '{a}' in {service.bulk_replace(run_name, a, b)} caption(s)."
             else:
                 msg = f"Deleted {service.bulk_clear(run_name)} caption file(s)."
-            return (notice(msg, "ok"), _state(service, run_name),
-                    _report_html(service, run_name, trig, res, model, ext))
+            return notice(msg, "ok"), _state(service, run_name)
         return handler
 
     def on_report(run_name: str, trig: str, res, model: str, ext: str):
         return _report_html(service, run_name, trig, res, model, ext)
+
+    def on_dataset(run_name: str, trig: str, res, model: str, ext: str):   # after every change of the dataset
+        try:
+            rows = service.rejected_files(run_name)
+        except Exception:  # noqa: BLE001 - an unusable run name: the run box says why
+            rows = []
+        return (_report_html(service, run_name, trig, res, model, ext), _rejected_html(rows),
+                gr.update(visible=bool(rows)))
+
+    def on_clear_rejected(run_name: str):
+        service.clear_rejected(run_name)
+        return "", gr.update(visible=False)
+
+    def on_run(run_name: str):   # the run's own settings, as last typed
+        try:
+            saved = service.dataset_settings(run_name)
+        except Exception:  # noqa: BLE001 - an unusable run name: the run box says why
+            saved = {}
+        return [saved.get(k, "") for k in ("trigger_word", "import_folder", "caption_model")]
+
+    def keep(key: str):
+        def handler(run_name: str, value: str):
+            try:
+                service.save_dataset_setting(run_name, key, value)
+            except TrainerError:   # no usable run name yet: the run box says why
+                pass
+        return handler
 
     @guard
     def on_preview(draws: int, run_name: str, trig: str, ext: str, shuffle: bool, keep, dropout):
@@ -266,11 +330,20 @@ def _connect(service: Service, run: gr.Dropdown, ui: _Controls, fields: dict[str
             return draws, notice(str(err), "error")
         return draws + 1, _preview_html(rows, bool(shuffle), int(keep), float(dropout))
 
-    ui.upload.upload(on_upload, [ui.upload, *ctx], [ui.upload, *outs])
-    ui.import_btn.click(on_import, [ui.folder, *ctx], outs)
-    ui.prefix_btn.click(bulk("prefix"), ctx, outs)
-    ui.replace_btn.click(bulk("replace"), [*ctx, ui.find, ui.replace], outs)
-    ui.clear_btn.click(bulk("clear"), ctx, outs)
+    ui.upload.upload(on_upload, [ui.upload, run], [ui.upload, *outs])
+    ui.import_btn.click(on_import, [ui.folder, run], outs)
+    ui.prefix_btn.click(bulk("prefix"), [run, ui.trigger], outs)
+    ui.replace_btn.click(bulk("replace"), [run, ui.trigger, ui.find, ui.replace], outs)
+    ui.clear_btn.click(bulk("clear"), [run, ui.trigger], outs)
+    ui.items.change(on_dataset, ctx, [ui.report, ui.rejected, ui.clear_rejected], show_progress="hidden")
+    ui.edits.change(on_report, ctx, [ui.report], show_progress="hidden")
+    ui.clear_rejected.click(on_clear_rejected, [run], [ui.rejected, ui.clear_rejected])
+    run.change(on_run, [run], [ui.trigger, ui.folder, ui.captioner.model]).then(
+        on_report, ctx, [ui.report], show_progress="hidden")
+    for key, box in (("trigger_word", ui.trigger), ("import_folder", ui.folder), ("caption_model", ui.captioner.model)):
+        box.change(keep(key), [run, box], None, show_progress="hidden", queue=False)   # typed, or loaded
+    tab_caption.connect(service, ui.captioner, run, fields["caption_extension"], ui.trigger, outs,
+                        functools.partial(_state, service))
     ui.trigger.blur(on_report, ctx, [ui.report], show_progress="hidden")
     fields["caption_extension"].blur(on_report, ctx, [ui.report], show_progress="hidden")
     tools = [fields["shuffle_tags"], fields["keep_tokens"], fields["tag_dropout"]]

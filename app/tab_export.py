@@ -36,7 +36,7 @@ def build(service: Service) -> ExportTab:
         fmt = gr.Radio(FORMATS, value="kohya", label="Format", scale=2, elem_id="export-format")
     export_btn = gr.Button("Prepare download", variant="primary", elem_id="export-btn")
     where = gr.HTML(elem_id="export-where")
-    file = gr.File(label="Download", interactive=False, elem_id="export-file")
+    file = gr.DownloadButton("Download", variant="primary", visible=False, elem_id="export-file")
     report = gr.Textbox(label="What the file holds", lines=8, max_lines=16, interactive=False, visible=False,
                         elem_id="export-inspect")
     meta = gr.JSON(label="Metadata", elem_id="export-meta", open=False)
@@ -94,9 +94,15 @@ def build(service: Service) -> ExportTab:
         if kind == "diffusers":
             progress(0.1, desc="Converting (loads the base model once)…")
         out = service.export(path, kind)
-        return out, notice(f"Ready: {Path(out).name} — click the file below to download it.", "ok") + _facts(path)[0]
+        name = Path(out).name
+        size = f"{Path(out).stat().st_size / 1e6:.1f} MB"
+        return (gr.update(value=out, label=f"⬇ Download {name} ({size})", visible=True),
+                notice(f"Ready: {name} — press the Download button below.", "ok") + _facts(path)[0])
 
     adapter.change(on_pick, [adapter], [where, meta, report, bake_model])
+    # another adapter or format: the prepared file no longer matches, so hide its button until prepared again
+    for picker in (adapter, fmt):
+        picker.change(lambda: gr.update(visible=False), None, [file], show_progress="hidden")
     convert_btn.click(on_convert, [adapter, target], [convert_notice])
     bake_btn.click(on_bake, [adapter, bake_weight, bake_fmt], [bake_notice], concurrency_id="render",
                    concurrency_limit=1)

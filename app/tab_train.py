@@ -11,9 +11,10 @@ from typing import Any
 import gradio as gr
 
 from app.common import guard, label, notice
+from app.page_state import refusal_html
 from app.service import FieldSpec, JobSnapshot, Service, TrainerError
 from app.estimate_view import Preflight
-from app.train_view import CHART_HELP, SERIES_COLOURS, loss_frame, progress_html, queue_html
+from app.train_view import CHART_HELP, FOLLOW_LOG_JS, SERIES_COLOURS, chart_update, progress_html, queue_html
 
 # Fields shown up front, in this order; every other field goes to the Advanced accordion by section.
 ESSENTIALS = ("rank", "alpha", "learning_rate", "text_encoder_lr", "max_train_steps", "epochs", "batch_size",
@@ -251,7 +252,8 @@ def _run_panel(gpu_count: int) -> _Panel:
     with gr.Row(equal_height=True):
         with gr.Column(scale=3):
             chart = gr.LinePlot(None, x="step", y="loss", color="series", color_title="", label="Loss",
-                                color_map=SERIES_COLOURS, elem_id="loss-plot", x_title="step", y_title="loss")
+                                color_map=SERIES_COLOURS, elem_id="loss-plot", x_title="step", y_title="loss",
+                                x_axis_format="d")
             # below the chart, not its caption: Gradio draws a LinePlot caption under the next block
             gr.HTML(f'<div style="font-size:0.85em;color:var(--body-text-color-subdued)">'
                     f"{html.escape(CHART_HELP)}</div>", elem_id="loss-help")
@@ -319,7 +321,7 @@ def _wire_training(service: Service, form: _Form, run: gr.Dropdown, advanced: gr
             config = service.start_training(run_name, form.as_values(values), gpus)
         except TrainerError as err:  # shown inline (and as a toast); raising would mark every field red
             gr.Warning(str(err), title="Not started")
-            return [notice(str(err), "error"), gr.skip(), *updates, line]
+            return [refusal_html(err), gr.skip(), *updates, line]
         ahead = service.jobs.position(run_name)
         if ahead is not None:
             return [notice(f"Queued run '{run_name}', {ahead} ahead: it starts when the run(s) before it end.",
@@ -391,7 +393,7 @@ def _wire_progress(service: Service, run: gr.Dropdown, panel: _Panel) -> None:
         out: list[Any] = [now]
         if view != seen.get("view"):
             current = o.current.active and o.current.run == s.run
-            out += [progress_html(s), loss_frame(s), list(s.samples), "\n".join(s.logs),
+            out += [progress_html(s), chart_update(s), list(s.samples), "\n".join(s.logs),
                     gr.update(interactive=s.active), gr.update(visible=s.resumable and not current)]
         else:
             out += [gr.skip()] * 6
@@ -407,3 +409,4 @@ def _wire_progress(service: Service, run: gr.Dropdown, panel: _Panel) -> None:
 
     panel.timer.tick(on_tick, [panel.seen, run], outputs, show_progress="hidden", queue=False)
     run.change(on_tick, [panel.seen, run], outputs, show_progress="hidden", queue=False)
+    panel.log.change(None, None, None, js=FOLLOW_LOG_JS)

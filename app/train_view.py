@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import html
 
+import gradio as gr
 import pandas as pd
 
 from app.common import fmt_seconds, notice
 from app.service import JobSnapshot, Overview
 
 CHART_POINTS = 400
+CHART_MIN_STEPS = 30     # the x axis spans at least this many steps, so its ticks fall on whole steps
+# After each log update, and when the Train tab is opened (a log filled while its tab was hidden, as after a
+# reload, cannot scroll), show the newest line; a moment later, once the browser has drawn the new text.
+FOLLOW_LOG_JS = ("() => { setTimeout(() => { const t = document.querySelector('#train-log textarea'); "
+                 "if (t) { t.scrollTop = t.scrollHeight; } }, 150); }")
 # The chart's series, their legend names and colours: the noisy per-step loss light, its trend dark, and the
 # held-out loss in a contrasting hue (blue/orange stay apart for colour-blind eyes too).
 TRAIN_SERIES, AVG_SERIES, VAL_SERIES = "training loss", "running average", "validation loss"
@@ -71,6 +77,13 @@ def loss_frame(s: JobSnapshot) -> pd.DataFrame | None:
         "loss": pd.Series([h[1] for h in hist] + [h[2] for h in hist] + [v[1] for v in val], dtype="float64"),
         "series": pd.Series([TRAIN_SERIES] * len(hist) + [AVG_SERIES] * len(hist) + [VAL_SERIES] * len(val),
                             dtype="str")})
+
+
+def chart_update(s: JobSnapshot) -> dict:
+    """The chart's data with its x axis from step 0 to the run's step count (at least ``CHART_MIN_STEPS``):
+    whole-step ticks from the first point on, and a line that grows across the chart as the run goes."""
+    last = s.history[-1][0] if s.history else 0
+    return gr.update(value=loss_frame(s), x_lim=[0, max(s.total_steps or 0, last, CHART_MIN_STEPS)])
 
 
 def queue_html(o: Overview) -> str:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from app import tab_blend, tab_dataset, tab_export, tab_preview, tab_train
+from app import page_state, tab_blend, tab_dataset, tab_export, tab_preview, tab_train
 from app.common import notice
 from app.service import Service
+from app.train_view import FOLLOW_LOG_JS
 
 CSS = """
 .gradio-container { max-width: 1280px !important; margin: auto; }
@@ -49,6 +50,11 @@ CSS = """
 .where code { word-break: break-all; }
 .upscale img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }
 .facts { display: flex; flex-wrap: wrap; gap: 6px; margin: 6px 0; }
+.card-unreadable { border: 2px solid #dc2626 !important; background: #fdecec; }
+.unreadable-mark { height: 140px; display: flex; align-items: center; justify-content: center; text-align: center;
+                   color: #7f1d1d; font-weight: 600; font-size: 0.85em; padding: 6px; }
+.rejected-list { margin: 4px 0 0 1.2em; }
+.goto-tab { font-weight: 600; text-decoration: underline; }
 """
 
 
@@ -61,7 +67,7 @@ def theme() -> gr.themes.Base:
 
 def launch_options(service: Service) -> dict:
     """Downloads only from the outputs folder; Gradio refuses uploads over the service's size limit itself."""
-    return {"theme": theme(), "css": CSS, "allowed_paths": [str(service.outputs)],
+    return {"theme": theme(), "css": CSS, "js": page_state.GOTO_TAB_JS, "allowed_paths": [str(service.outputs)],
             "max_file_size": service.limits.max_bytes}
 
 
@@ -78,7 +84,8 @@ def build_app(service: Service) -> gr.Blocks:
         with gr.Tabs(elem_id="steps"):
             with gr.Tab("1. Dataset", id="dataset"):
                 ds = tab_dataset.build(service, run)
-            with gr.Tab("2. Train", id="train"):
+            with gr.Tab("2. Train", id="train") as train_tab:
+                trigger_line = gr.HTML(page_state.trigger_html(""), elem_id="train-trigger")
                 tr = tab_train.build(service, run, ds.trigger)
             with gr.Tab("3. Preview", id="preview") as preview_tab:
                 pv = tab_preview.build(service)
@@ -88,28 +95,32 @@ def build_app(service: Service) -> gr.Blocks:
                 ex = tab_export.build(service)
         ds.connect(tr.fields)
 
-        def on_run(name: str, trigger: str, resolution, model: str, caption_extension: str):
+        def on_run(name: str):   # the dataset report follows ds.items (app/tab_dataset.py)
             try:
-                service.run_dir(name)
+                return page_state.run_notice(service, name), tab_dataset.refresh(service, name)
             except Exception as err:  # noqa: BLE001 - shown inline next to the run box
-                return notice(str(err), "error"), {"run": name, "items": []}, ""
-            items, report = tab_dataset.refresh(service, name, trigger, resolution, model, caption_extension)
-            where = service.run_dir(name)
-            return notice(f"Run folder: {where}", "info"), items, report
+                return notice(str(err), "error"), {"run": name, "items": []}
 
         def jobs_signature() -> str:
             o = service.jobs.overview()
             return repr((o.current.run, o.current.state, [q.run for q in o.queue]))
 
-        def on_load():
-            return gr.update(choices=service.run_choices(), value=service.default_run()), jobs_signature()
+        def on_load(wanted: str):   # the run in the address or this browser's last one (page_state.PICK_JS)
+            return gr.update(choices=service.run_choices(), value=page_state.pick_run(service, wanted)), \
+                jobs_signature()
 
         def on_focus():  # each run's state, fresh whenever the picker is opened
             return gr.update(choices=service.run_choices())
 
-        def on_jobs_tick(seen: str):  # ... and when a run starts, ends or queues (not every step: typing goes on)
+        def on_jobs_tick(seen: str, name: str):  # ... and when a run starts, ends or queues (not every step)
             now = jobs_signature()
-            return (gr.skip(), gr.skip()) if now == seen else (now, gr.update(choices=service.run_choices()))
+            if now == seen:
+                return gr.skip(), gr.skip(), gr.skip()
+            try:
+                shown = page_state.run_notice(service, name)
+            except Exception:  # noqa: BLE001 - an unusable name keeps its error notice
+                shown = gr.skip()
+            return now, gr.update(choices=service.run_choices()), shown
 
         def adapter_lists(*current: str):
             choices = service.adapters()
@@ -123,12 +134,15 @@ def build_app(service: Service) -> gr.Blocks:
             paths = {p for _, p in choices}
             return [gr.update(choices=choices, value=c if c in paths else None) for c in current]
 
-        run.change(on_run, [run, ds.trigger, *(tr.fields[n] for n in ("resolution", "model", "caption_extension"))],
-                   [run_notice, ds.items, ds.report])
+        run.change(on_run, [run], [run_notice, ds.items])
+        run.change(None, [run], None, js=page_state.REMEMBER_JS)
+        ds.trigger.change(page_state.trigger_html, [ds.trigger], [trigger_line], show_progress="hidden", queue=False)
         jobs_seen = gr.State("")
-        demo.load(on_load, None, [run, jobs_seen])
+        demo.load(on_load, [run], [run, jobs_seen], js=page_state.PICK_JS)
         run.focus(on_focus, None, [run], show_progress="hidden", queue=False)
-        tr.timer.tick(on_jobs_tick, [jobs_seen], [jobs_seen, run], show_progress="hidden", queue=False)
+        tr.timer.tick(on_jobs_tick, [jobs_seen, run], [jobs_seen, run, run_notice], show_progress="hidden",
+                      queue=False)
+        train_tab.select(None, None, None, js=FOLLOW_LOG_JS)
         preview_tab.select(adapter_lists, [pv.adapter], [pv.adapter], show_progress="hidden")
         export_tab.select(adapter_lists, [ex.adapter], [ex.adapter], show_progress="hidden")
         blend_tab.select(blend_lists, bl.adapters, bl.adapters, show_progress="hidden")

@@ -10,13 +10,14 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+from typing import Callable, Iterable
 
 from trainer.errors import TrainerError
 from trainer.fileio import atomic_write_text
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")   # = trainer.data.images
 MAX_ZIP_BYTES = 4 << 30          # what one archive may unpack to, all members together
+NOT_DATASET = "not an image (PNG, JPEG, WebP, BMP, GIF, TIFF), a .txt caption or a .zip"
 CHUNK = 1 << 20
 
 
@@ -45,14 +46,16 @@ class _Entry:
     path: Path | None = None         # a file on disk, or
     member: zipfile.ZipInfo | None = None   # a member of ``archive``
     archive: Path | None = None
+    index: int = 0                   # position in its archive (the order files not added are listed in)
 
 
 def _is_image(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _zip_entries(archive: Path, limits: Limits) -> tuple[list[_Entry], list[str]]:
-    """The images and captions of a .zip (base names only), its sizes checked; (entries, skipped names)."""
+def _zip_entries(archive: Path, limits: Limits) -> tuple[list[_Entry], list[tuple[str, str, int]]]:
+    """The images and captions of a .zip (base names only), its sizes checked; (entries, (name, why, position)
+    not taken; hidden and __MACOSX entries go unmentioned)."""
     entries, skipped = [], []
     try:
         with zipfile.ZipFile(archive) as zf:
@@ -65,16 +68,17 @@ def _zip_entries(archive: Path, limits: Limits) -> tuple[list[_Entry], list[str]
         raise TrainerError(f"'{archive.name}' declares {total / (1 << 30):.1f} GB of contents, more than the "
                            f"{MAX_ZIP_BYTES >> 30} GB one archive may unpack to; nothing was added. Upload a "
                            "smaller archive.", field="upload")
-    for m in members:
+    for index, m in enumerate(members):
         name = PurePosixPath(m.filename.replace("\\", "/")).name
         is_link = (m.external_attr >> 16) & 0o170000 == 0o120000
         suffix = Path(name).suffix.lower()
-        if (is_link or not name or name.startswith(".") or "__MACOSX" in m.filename
-                or suffix not in IMAGE_EXTENSIONS + (".txt",)):
-            skipped.append(name or m.filename)
+        if not name or name.startswith(".") or "__MACOSX" in m.filename:
+            continue
+        if is_link or suffix not in IMAGE_EXTENSIONS + (".txt",):
+            skipped.append((f"{archive.name}: {name}", "a link" if is_link else NOT_DATASET, index))
             continue
         limits.check_size(f"{archive.name}: {name}", m.file_size)
-        entries.append(_Entry(name, member=m, archive=archive))
+        entries.append(_Entry(name, member=m, archive=archive, index=index))
     return entries, skipped
 
 
@@ -119,17 +123,29 @@ def free_name(dest: Path, name: str, taken: set[str] | None = None) -> str:
     return candidate
 
 
-def add_files(dest: Path, paths: Iterable[str | Path], limits: Limits, existing_images: int) -> str:
-    """Copy uploaded images, same-stem .txt captions and .zip archives into ``dest``; returns what was done.
-    Sizes and the image count are checked first (TrainerError, nothing written). A name already in the dataset
-    gets a suffix (its caption from the same upload follows it); a caption alone for an image that already has
-    one is kept as it was, not overwritten."""
+@dataclass
+class Added:
+    """What an upload did: the note to show, the image names added, (name, why) for each file not added."""
+
+    note: str
+    added: list[str]
+    rejected: list[tuple[str, str]]
+
+
+def add_files(dest: Path, paths: Iterable[str | Path], limits: Limits, existing_images: int,
+              image_problem: Callable[[Path], str | None] = lambda path: None) -> Added:
+    """Copy uploaded images, same-stem .txt captions and .zip archives into ``dest``. Sizes and the image count
+    are checked first (TrainerError, nothing written). A name already in the dataset gets a suffix (its caption
+    from the same upload follows it); a caption alone for an image that already has one is kept as it was, not
+    overwritten. An image ``image_problem`` finds undecodable, and any other kind of file, is not added: it is
+    listed with its reason."""
+    paths = [Path(p) for p in paths]
     entries: list[_Entry] = []
-    skipped: list[str] = []
-    for p in map(Path, paths):
+    skipped: list[tuple[str, str, int]] = []         # (name, why, position in its archive)
+    for p in paths:
         suffix = p.suffix.lower()
         if suffix not in IMAGE_EXTENSIONS + (".txt", ".zip"):
-            skipped.append(p.name)
+            skipped.append((p.name, NOT_DATASET, 0))
             continue
         limits.check_size(p.name, p.stat().st_size)
         if suffix == ".zip":
@@ -148,14 +164,25 @@ def add_files(dest: Path, paths: Iterable[str | Path], limits: Limits, existing_
     stems: dict[str, str] = {}                      # uploaded image stem -> stem it was saved under
     images = captions = renamed = 0
     kept: list[str] = []
+    added: list[str] = []
     for e in (e for e in entries if _is_image(e.name)):
+        label = e.name if e.archive is None else f"{e.archive.name}: {e.name}"
+        if e.path is not None and (problem := image_problem(e.path)):
+            skipped.append((label, f"cannot be decoded: {problem}; re-save it as PNG or JPEG", 0))
+            continue
         name = free_name(dest, e.name, taken)
-        renamed += name != e.name
-        stems.setdefault(Path(e.name).stem, Path(name).stem)
         if e.path is not None:
             shutil.copyfile(e.path, dest / name)
         else:
             _extract(e, dest / name)
+            if problem := image_problem(dest / name):
+                (dest / name).unlink()
+                taken.discard(name.lower())
+                skipped.append((label, f"cannot be decoded: {problem}; re-save it as PNG or JPEG", e.index))
+                continue
+        renamed += name != e.name
+        stems.setdefault(Path(e.name).stem, Path(name).stem)
+        added.append(name)
         images += 1
     for e in (e for e in entries if not _is_image(e.name)):
         stem = Path(e.name).stem
@@ -171,7 +198,9 @@ def add_files(dest: Path, paths: Iterable[str | Path], limits: Limits, existing_
         note += f"; {renamed} image(s) renamed with a -N suffix because that name was taken"
     if kept:
         note += f"; kept the existing caption(s) {', '.join(kept[:5])} (edit them below)"
+    order = {p.name: i for i, p in enumerate(paths)}          # say what was not added in upload order
+    skipped.sort(key=lambda r: (order.get(r[0].split(": ")[0], len(order)), r[2]))
     if skipped:
-        shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        note += f"; skipped {len(skipped)} file(s) that are not images, .txt or .zip ({shown})"
-    return note + "."
+        shown = ", ".join(r[0] for r in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        note += f"; {len(skipped)} file(s) not added ({shown}): see 'Not added' below for why"
+    return Added(note + ".", added, [(name, why) for name, why, _ in skipped])

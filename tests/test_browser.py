@@ -289,10 +289,11 @@ def test_export_download_is_a_valid_adapter(app, page):
     choose(page, "export-adapter", "e2e/lora.safetensors")
     page.wait_for_selector("#export-where >> text=On disk")
     page.click("#export-btn")
-    link = page.locator("#export-file a").first
-    link.wait_for(timeout=60_000)
+    button = page.locator("#export-file")
+    button.wait_for(state="visible", timeout=60_000)
+    page.wait_for_function("document.querySelector('#export-file').innerText.includes('Download lora.safetensors')")
     with page.expect_download() as info:
-        link.click()
+        button.click()
     target = app.tmp / "downloaded.safetensors"
     info.value.save_as(target)
     from trainer.files.adapters import read_lora_file

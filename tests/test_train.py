@@ -149,7 +149,9 @@ def test_events_config_and_outputs(tmp_path):
     steps = [e.step for e in events if isinstance(e, Progress)]
     assert steps == [1, 2, 3, 4]
     progress = [e for e in events if isinstance(e, Progress)]
-    assert all(p.loss > 0 and p.lr > 0 and p.eta_s >= 0 for p in progress)
+    assert all(p.loss > 0 and p.lr > 0 for p in progress)
+    assert [p.eta_s is None for p in progress] == [True, True, False, False]   # the first 2 steps: warm-up
+    assert all(p.eta_s >= 0 and p.it_per_s > 0 for p in progress[2:])
     saved = [e for e in events if isinstance(e, Saved)]
     assert [s.final for s in saved] == [False, True]
     assert (tmp_path / "run" / "mine-step000002.safetensors").is_file()

@@ -59,3 +59,42 @@ def build_tiny(arch: str = "sd1", seed: int = 0) -> dict:
                               num_train_timesteps=1000, clip_sample=False)
     return {"arch": arch, "unet": unet.eval(), "vae": vae().eval(), "text_encoders": [e.eval() for e in encoders],
             "tokenizers": tokenizers, "scheduler": scheduler}
+
+
+CAPTION_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
+    "a photo of the white disc red square on blue green background small large".split())
+
+
+def tiny_captioner(folder: Path, kind: str = "blip", seed: int = 0) -> Path:
+    """A tiny image-to-text model (``kind`` blip or git) with its processor and a 17-word BERT tokenizer, saved
+    with save_pretrained into ``folder``: what a user's downloaded captioning model folder looks like."""
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil,
+                              BlipProcessor, CLIPImageProcessorPil, GitConfig, GitForCausalLM, GitProcessor)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab-src.txt"
+    vocab.write_text("\n".join(CAPTION_WORDS) + "\n", encoding="utf-8")
+    tok = BertTokenizer(str(vocab), model_max_length=32)
+    vocab.unlink()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(seed)
+    if kind == "blip":
+        text = dict(vocab_size=len(CAPTION_WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, max_position_embeddings=64, bos_token_id=2, sep_token_id=3,
+                    pad_token_id=0, encoder_hidden_size=32)
+        model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32))
+        processor = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+                                  tokenizer=tok)
+    elif kind == "git":
+        model = GitForCausalLM(GitConfig(vision_config=vision, vocab_size=len(CAPTION_WORDS), hidden_size=32,
+                                         intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                         max_position_embeddings=64, bos_token_id=2, eos_token_id=3, pad_token_id=0))
+        processor = GitProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                                                       crop_size={"height": 32, "width": 32}),
+                                 tokenizer=tok)
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .cli_estimate import add_estimate_command, cmd_estimate
 from .cli_files import FILE_COMMANDS, add_file_commands
+from .cli_caption import CAPTION_COMMANDS, add_caption_command
 from .errors import ConfigError, TrainerError
 
 # flag -> TrainConfig field, for the flags the README documents
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the presets")
     add_file_commands(sub)
+    add_caption_command(sub)
     return parser
 
 
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     command = {"train": cmd_train, "estimate": cmd_estimate, "generate": cmd_generate, "report": cmd_report,
-               "presets": cmd_presets, **FILE_COMMANDS}
+               "presets": cmd_presets, **FILE_COMMANDS, **CAPTION_COMMANDS}
     try:
         return command[args.command](args)
     except TrainerError as err:

@@ -26,8 +26,8 @@ class Progress:
     loss: float               # loss of this step (mean over accumulated micro-batches)
     avg_loss: float           # running mean over the last window of steps
     lr: float
-    it_per_s: float
-    eta_s: float
+    it_per_s: float | None    # smoothed (trainer/loop/pace.py); None over the first steps, not measured yet
+    eta_s: float | None       # seconds left at that speed; None while it_per_s is
 
 
 @dataclass(frozen=True)

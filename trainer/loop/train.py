@@ -22,6 +22,7 @@ from ..events import Control, Event, Failed, Finished, Listener, Log, Progress, 
 from ..models.loader import BaseModel, load_base_model
 from .loss import diffusion_loss
 from . import distributed, schedules
+from .pace import StepPace
 from .outputs import Run, render_samples, save, save_interrupted
 from .records import RunRecord, TensorBoardLog
 from .state import Checkpoint, find_checkpoint, load_checkpoint, resume_changes, save_checkpoint
@@ -196,8 +197,8 @@ def _announce(run: Run, parts: Parts) -> None:
 def _train_steps(run: Run, parts: Parts, control: Control) -> deque[float]:
     """Epochs of micro-batches until the step budget or a stop; returns the recent step losses."""
     losses: deque[float] = deque(maxlen=50)
-    step_loss, first_step = 0.0, run.step
-    t_start = last_t = time.perf_counter()
+    step_loss, pace = 0.0, StepPace()
+    last_t = time.perf_counter()
     for m in parts.trainable:
         m.train()
     set_training_mode(parts.optimizer, True)
@@ -219,10 +220,10 @@ def _train_steps(run: Run, parts: Parts, control: Control) -> deque[float]:
             loss = step_loss / (accum if run.position % accum == 0 else run.position % accum)
             losses.append(loss)
             now = time.perf_counter()
-            rate = (run.step - first_step) / max(now - t_start, 1e-9)
+            pace.add(now - last_t)
             run.emit(Progress(step=run.step, total_steps=parts.total, epoch=run.epoch, loss=loss,
                               avg_loss=sum(losses) / len(losses), lr=parts.lr_scheduler.get_last_lr()[0],
-                              it_per_s=1.0 / max(now - last_t, 1e-9), eta_s=(parts.total - run.step) / rate))
+                              it_per_s=pace.rate, eta_s=pace.eta(parts.total - run.step)))
             step_loss, last_t = 0.0, now
             changed = run.threads.refresh() if run.threads is not None else None
             if changed:
