@@ -1,0 +1,231 @@
+"""The "did it learn?" check: render the trigger prompt(s) at strengths 0 / 0.5 / 1 / 1.5 for a few fixed seeds,
+score each image's similarity to the training images (``render/score.py``), and say whether the adapter does
+anything: ``strong``, ``weak``, ``none`` or ``overbaked`` (``unknown`` when the check itself failed). Writes
+``<run>/effect.json`` and ``<run>/effect.png`` (rows = strengths, columns = seeds, one block per prompt).
+Thresholds and what was measured to set them: docs/EFFECT.md.
+"""
+from __future__ import annotations
+
+import json
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import TrainerError
+from ..fileio import atomic_write_text
+
+STRENGTHS = (0.0, 0.5, 1.0, 1.5)
+SEEDS = (0, 1, 2)
+MAX_CAPTIONS = 3          # the trigger word alone plus up to this many of the dataset's own captions
+MAX_REFERENCE = 64        # training images the score compares with (evenly picked from larger sets)
+EFFECT_JSON, EFFECT_PNG = "effect.json", "effect.png"
+VERDICTS = ("strong", "weak", "none", "overbaked", "unknown")
+
+# Verdict thresholds (docs/EFFECT.md has the calibration runs they come from).
+MIN_CHANGE = 0.15         # pixel change at 1.0 vs 0 (same seed) below this share of the change between seeds: none
+STRONG_GAIN = 3.0         # score gain at 1.0 over 0 of at least this many seed spreads: strong (1 spread: weak)
+DRIFT = 1.0               # 1.0 scoring this many spreads below the best lower strength: it drifts away again
+COLLAPSE = 2.0            # 1.5 scoring this many spreads below 1.0: collapses
+MIN_SPREAD = 0.01         # the spread's floor, so identical seeds do not make any difference look huge
+
+ADVICE = {
+    "strong": "The adapter moves the images towards the training set and holds up at 1.5; use it at 0.7-1.0.",
+    "weak": "The adapter has a visible but small effect. Train longer (more steps or epochs) or raise the learning "
+            "rate a little; use it at 1.0 or above meanwhile.",
+    "none": "The adapter changes the images less than the seed does. Raise the learning rate or the steps, and "
+            "check that the trigger word appears in the captions (the Dataset tab's report shows it).",
+    "overbaked": "The adapter overshoots: at 1.0 the images drift away from the training set again, or 1.5 "
+                 "collapses. Train fewer steps, lower the learning rate or alpha, or use it at 0.5.",
+    "unknown": "The effect check could not run (see the log); the adapter is saved. Render it on the Preview tab.",
+}
+
+
+@dataclass
+class EffectResult:
+    """What ``effect.json`` holds. ``scores`` are means per strength (over prompts and seeds), ``base_score``
+    the score at strength 0, ``dataset_score`` the training images' own score (the ceiling), ``spread`` the
+    seed-to-seed standard deviation of one image's score, ``change`` the pixel change from 0 to 1.0 for the same
+    seed over the change between seeds at 0."""
+
+    verdict: str
+    advice: str
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    strengths: list[float] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    base_score: float | None = None
+    dataset_score: float | None = None
+    spread: float | None = None
+    change: float | None = None
+    scorer: str = ""
+    adapter: str = ""
+    grid: str | None = None
+    error: str | None = None
+
+    def score_at(self, strength: float) -> float | None:
+        return next((s for w, s in zip(self.strengths, self.scores) if w == strength), None)
+
+    def line(self) -> str:
+        """'strong (0.71 at 1.0 vs 0.02 at 0)', or 'unknown (why)'."""
+        one = self.score_at(1.0)
+        if one is None or self.base_score is None:
+            return f"{self.verdict} ({self.error or 'no scores'})"
+        return f"{self.verdict} ({one:.2f} at 1.0 vs {self.base_score:.2f} at 0)"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def effect_prompts(captions: Sequence[str], trigger_word: str = "") -> list[str]:
+    """The trigger word alone (when there is one), then up to MAX_CAPTIONS distinct captions, in dataset order."""
+    out = [trigger_word.strip()] if trigger_word.strip() else []
+    for caption in captions:
+        caption = caption.strip()
+        if caption and caption not in out and len(out) < MAX_CAPTIONS + (1 if trigger_word.strip() else 0):
+            out.append(caption)
+    return out or [""]
+
+
+def reference_images(paths: Sequence[str | Path], limit: int = MAX_REFERENCE) -> list:
+    from ..data.images import load_image
+
+    paths = list(paths)
+    if len(paths) > limit:
+        paths = [paths[round(i * (len(paths) - 1) / (limit - 1))] for i in range(limit)]
+    return [load_image(p) for p in paths]
+
+
+def render_strengths(renderer, adapter: str | Path, prompts: Sequence[str], *, strengths=STRENGTHS, seeds=SEEDS,
+                     size: int | None = None, steps: int = 20, guidance: float = 7.0, text_encoding: dict | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> list[list[list]]:
+    """images[strength][prompt][seed] (PIL), each prompt's seeds rendered in one batch."""
+    import torch
+
+    from ..models.text import prompt_kwargs
+
+    base, pipe = renderer.base, renderer.pipeline
+    text_encoding = text_encoding or {}
+    size = size or base.resolution
+    out = []
+    for strength in strengths:
+        renderer.set_strengths({str(adapter): float(strength)})
+        row = []
+        for prompt in prompts:
+            if should_stop is not None and should_stop():
+                raise TrainerError("The effect check was stopped before it finished.", field="effect_check")
+            kwargs = prompt_kwargs(base, prompt, **text_encoding,
+                                   zero_empty_negative=bool(pipe.config.get("force_zeros_for_empty_prompt")))
+            generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+            with torch.no_grad():
+                images = pipe(**kwargs, num_images_per_prompt=len(seeds), generator=generators, height=size,
+                              width=size, num_inference_steps=steps, guidance_scale=guidance).images
+            row.append(list(images))
+        out.append(row)
+    return out
+
+
+def decide(scores: np.ndarray, change: float, strengths: Sequence[float] = STRENGTHS) -> tuple[str, float]:
+    """(verdict, spread) from ``scores[strength, prompt, seed]`` and the relative pixel change at 1.0."""
+    s = list(strengths)
+    i0, i1 = s.index(0.0), s.index(1.0)
+    seeds = scores.shape[2]
+    if seeds > 1:
+        variances = scores[[i0, i1]].var(axis=2, ddof=1)
+        spread = max(float(np.sqrt(variances.mean())), MIN_SPREAD)
+    else:
+        spread = MIN_SPREAD
+    means = scores.mean(axis=(1, 2))
+    gain = (means[i1] - means[i0]) / spread
+    if change < MIN_CHANGE:
+        return "none", spread
+    lower = [means[i] for i, w in enumerate(s) if w < 1.0]
+    higher = [means[i] for i, w in enumerate(s) if w > 1.0]
+    if max(lower) - means[i1] >= DRIFT * spread and max(lower) > means[i0] + spread:
+        return "overbaked", spread        # it learned (a lower strength gets closer), then 1.0 drifts away again
+    if higher and means[i1] - min(higher) >= COLLAPSE * spread:
+        return "overbaked", spread        # 1.5 collapses
+    if gain < -DRIFT:
+        return "overbaked", spread        # it changes the images a lot, away from the training set
+    if gain < 1.0:
+        return "none", spread
+    return ("strong" if gain >= STRONG_GAIN else "weak"), spread
+
+
+def pixel_change(images: list[list[list]], strengths: Sequence[float] = STRENGTHS) -> float:
+    """Mean |image at 1.0 - image at 0| for the same prompt and seed, over the mean difference between the
+    seeds at 0 (seed noise); 0 = the adapter changes nothing."""
+    s = list(strengths)
+    at = {w: [[np.asarray(im, dtype=np.float32) for im in row] for row in images[s.index(w)]] for w in (0.0, 1.0)}
+    moved = np.mean([np.abs(a - b).mean() for ra, rb in zip(at[1.0], at[0.0]) for a, b in zip(ra, rb)])
+    pairs = [np.abs(row[i] - row[j]).mean() for row in at[0.0] for i in range(len(row)) for j in range(i + 1, len(row))]
+    noise = np.mean(pairs) if pairs else 1.0
+    return float(moved / max(noise, 1e-6))
+
+
+def check_effect(renderer, adapter: str | Path, reference: Sequence[str | Path], prompts: Sequence[str],
+                 out_dir: str | Path, *, clip_model: str | None = None, strengths=STRENGTHS, seeds=SEEDS,
+                 size: int | None = None, steps: int = 20, guidance: float = 7.0, text_encoding: dict | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> EffectResult:
+    """Render, score, decide; write effect.json and effect.png into ``out_dir``. Raises on failure (see ``run``)."""
+    from .score import make_scorer
+
+    scorer = make_scorer(reference_images(reference), clip_model)
+    images = render_strengths(renderer, adapter, prompts, strengths=strengths, seeds=seeds, size=size, steps=steps,
+                              guidance=guidance, text_encoding=text_encoding, should_stop=should_stop)
+    renderer.set_strengths({str(adapter): 0.0})
+    flat = [im for row in images for per_prompt in row for im in per_prompt]
+    scores = np.asarray(scorer.scores(flat), dtype=np.float64).reshape(len(strengths), len(prompts), len(seeds))
+    change = pixel_change(images, strengths)
+    verdict, spread = decide(scores, change, strengths)
+    means = [round(float(m), 4) for m in scores.mean(axis=(1, 2))]
+    result = EffectResult(verdict=verdict, advice=ADVICE[verdict], prompts=list(prompts), seeds=list(seeds),
+                          strengths=[float(w) for w in strengths], scores=means, base_score=means[list(strengths).index(0.0)],
+                          dataset_score=round(scorer.dataset_score, 4), spread=round(spread, 4), change=round(change, 3),
+                          scorer=scorer.name, adapter=str(adapter))
+    from .effect_grid import write_grid
+
+    result.grid = str(write_grid(Path(out_dir) / EFFECT_PNG, images, scores, strengths, seeds, prompts))
+    write_result(out_dir, result)
+    return result
+
+
+def write_result(out_dir: str | Path, result: EffectResult) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(out / EFFECT_JSON, json.dumps(result.to_dict(), indent=1) + "\n")
+
+
+def read_result(run_dir: str | Path) -> dict | None:
+    """A run's effect.json as a dict, None when absent or unreadable."""
+    try:
+        data = json.loads((Path(run_dir) / EFFECT_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("verdict") in VERDICTS else None
+
+
+def run(renderer_factory: Callable[[], object], adapter: str | Path, reference: Sequence[str | Path],
+        prompts: Sequence[str], out_dir: str | Path, *, log: Callable[[str], None] = lambda m: None,
+        **kwargs) -> EffectResult:
+    """``check_effect`` that never raises: a failure is logged (with the traceback's tail) and recorded as
+    verdict ``unknown`` in effect.json; the adapter is never touched. ``renderer_factory`` is called inside."""
+    try:
+        return check_effect(renderer_factory(), adapter, reference, prompts, out_dir, **kwargs)
+    except Exception as err:  # noqa: BLE001 - the check is advice; the adapter is already saved
+        message = str(err) if isinstance(err, TrainerError) else f"{type(err).__name__}: {err}"
+        if not isinstance(err, TrainerError):
+            for line in traceback.format_exc().rstrip().splitlines()[-6:]:
+                log(f"effect check: {line}")
+        log(f"effect check failed: {message}")
+        result = EffectResult(verdict="unknown", advice=ADVICE["unknown"], prompts=list(prompts),
+                              seeds=list(kwargs.get("seeds", SEEDS)),
+                              strengths=[float(w) for w in kwargs.get("strengths", STRENGTHS)],
+                              adapter=str(adapter), error=message)
+        try:
+            write_result(out_dir, result)
+        except OSError as write_err:
+            log(f"effect check: cannot write {Path(out_dir) / EFFECT_JSON} ({write_err})")
+        return result
