@@ -19,6 +19,7 @@ from ..fileio import atomic_write_text
 
 STRENGTHS = (0.0, 0.5, 1.0, 1.5)
 SEEDS = (0, 1, 2)
+CHECK_STEPS = 12         # sampler steps per image (DPM++): enough to see what the adapter draws
 MAX_CAPTIONS = 3          # the trigger word alone plus up to this many of the dataset's own captions
 MAX_REFERENCE = 64        # training images the score compares with (evenly picked from larger sets)
 EFFECT_JSON, EFFECT_PNG = "effect.json", "effect.png"
@@ -101,30 +102,38 @@ def reference_images(paths: Sequence[str | Path], limit: int = MAX_REFERENCE) ->
 def render_strengths(renderer, adapter: str | Path, prompts: Sequence[str], *, strengths=STRENGTHS, seeds=SEEDS,
                      size: int | None = None, steps: int = 20, guidance: float = 7.0, text_encoding: dict | None = None,
                      should_stop: Callable[[], bool] | None = None) -> list[list[list]]:
-    """images[strength][prompt][seed] (PIL), each prompt's seeds rendered in one batch."""
+    """images[strength][prompt][seed] (PIL); each strength is one pipeline batch of every prompt and seed."""
+    import torch
+
+    base, pipe = renderer.base, renderer.pipeline
+    size = size or base.resolution
+    kwargs = _batched_prompts(base, pipe, prompts, text_encoding or {})
+    out = []
+    for strength in strengths:
+        if should_stop is not None and should_stop():
+            raise TrainerError("The effect check was stopped before it finished.", field="effect_check")
+        renderer.set_strengths({str(adapter): float(strength)})
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for _ in prompts for s in seeds]
+        with torch.no_grad():
+            images = pipe(**kwargs, num_images_per_prompt=len(seeds), generator=generators, height=size, width=size,
+                          num_inference_steps=steps, guidance_scale=guidance).images
+        out.append([list(images[p * len(seeds):(p + 1) * len(seeds)]) for p in range(len(prompts))])
+    return out
+
+
+def _batched_prompts(base, pipe, prompts: Sequence[str], text_encoding: dict) -> dict:
+    """One pipeline call's prompt arguments for all ``prompts``, encoded as training encoded captions."""
     import torch
 
     from ..models.text import prompt_kwargs
 
-    base, pipe = renderer.base, renderer.pipeline
-    text_encoding = text_encoding or {}
-    size = size or base.resolution
-    out = []
-    for strength in strengths:
-        renderer.set_strengths({str(adapter): float(strength)})
-        row = []
-        for prompt in prompts:
-            if should_stop is not None and should_stop():
-                raise TrainerError("The effect check was stopped before it finished.", field="effect_check")
-            kwargs = prompt_kwargs(base, prompt, **text_encoding,
-                                   zero_empty_negative=bool(pipe.config.get("force_zeros_for_empty_prompt")))
-            generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-            with torch.no_grad():
-                images = pipe(**kwargs, num_images_per_prompt=len(seeds), generator=generators, height=size,
-                              width=size, num_inference_steps=steps, guidance_scale=guidance).images
-            row.append(list(images))
-        out.append(row)
-    return out
+    zero = bool(pipe.config.get("force_zeros_for_empty_prompt"))
+    each = [prompt_kwargs(base, p, **text_encoding, zero_empty_negative=zero) for p in prompts]
+    merged = {}
+    for key, value in each[0].items():
+        values = [k[key] for k in each]
+        merged[key] = torch.cat(values) if isinstance(value, torch.Tensor) else (None if value is None else values)
+    return merged
 
 
 def decide(scores: np.ndarray, change: float, strengths: Sequence[float] = STRENGTHS) -> tuple[str, float]:
@@ -182,9 +191,9 @@ def check_effect(renderer, adapter: str | Path, reference: Sequence[str | Path],
     verdict, spread = decide(scores, change, strengths)
     means = [round(float(m), 4) for m in scores.mean(axis=(1, 2))]
     result = EffectResult(verdict=verdict, advice=ADVICE[verdict], prompts=list(prompts), seeds=list(seeds),
-                          strengths=[float(w) for w in strengths], scores=means, base_score=means[list(strengths).index(0.0)],
-                          dataset_score=round(scorer.dataset_score, 4), spread=round(spread, 4), change=round(change, 3),
-                          scorer=scorer.name, adapter=str(adapter))
+                          strengths=[float(w) for w in strengths], scores=means,
+                          base_score=means[list(strengths).index(0.0)], dataset_score=round(scorer.dataset_score, 4),
+                          spread=round(spread, 4), change=round(change, 3), scorer=scorer.name, adapter=str(adapter))
     from .effect_grid import write_grid
 
     result.grid = str(write_grid(Path(out_dir) / EFFECT_PNG, images, scores, strengths, seeds, prompts))
@@ -229,3 +238,38 @@ def run(renderer_factory: Callable[[], object], adapter: str | Path, reference: 
         except OSError as write_err:
             log(f"effect check: cannot write {Path(out_dir) / EFFECT_JSON} ({write_err})")
         return result
+
+
+def run_config(adapter: str | Path) -> dict:
+    """The config.json of the run folder an adapter lies in ({} when there is none or it is unreadable)."""
+    try:
+        data = json.loads((Path(adapter).parent / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_adapter(renderer_factory: Callable[[], object], adapter: str | Path, data_dir: str | Path, *,
+                  trigger_word: str = "", out_dir: str | Path | None = None, resolution: int = 0,
+                  text_encoding: dict | None = None, clip_model: str | None = None, caption_extension: str = ".txt",
+                  log: Callable[[str], None] = lambda m: None) -> EffectResult:
+    """The check on demand for any adapter file against the images in ``data_dir`` (the CLI's `effect`, the
+    Preview tab). Results go to ``out_dir`` (default: the adapter's folder). A missing file or dataset is a
+    TrainerError; a failure while rendering or scoring gives verdict ``unknown`` (logged), as after training.
+    ``renderer_factory`` (a loaded ``Renderer``, or the call that loads one) is called once the inputs are fine."""
+    from ..data.scan import scan_dataset
+
+    adapter = Path(adapter)
+    if not adapter.is_file():
+        raise TrainerError(f"LoRA file '{adapter}' does not exist; check the path.", field="lora")
+    if not data_dir or not Path(data_dir).is_dir():
+        raise TrainerError(f"Dataset folder '{data_dir}' does not exist; give the folder of images the adapter was "
+                           "trained on (--data).", field="data_dir")
+    report = scan_dataset(data_dir, trigger_word=trigger_word, resolution=0, caption_extension=caption_extension)
+    if not report.items:
+        raise TrainerError(f"Dataset folder '{data_dir}' has no readable images to compare with; give the folder "
+                           "the adapter was trained on.", field="data_dir")
+    prompts = effect_prompts([item.caption for item in report.items], trigger_word)
+    return run(renderer_factory, adapter, [item.path for item in report.items], prompts, out_dir or adapter.parent,
+               log=log, clip_model=clip_model or None, size=resolution or None, steps=CHECK_STEPS,
+               text_encoding=text_encoding)
