@@ -32,16 +32,25 @@ DRIFT = 1.0               # 1.0 scoring this many spreads below the best lower s
 COLLAPSE = 2.0            # 1.5 scoring this many spreads below 1.0: collapses
 MIN_SPREAD = 0.01         # the spread's floor, so identical seeds do not make any difference look huge
 
-ADVICE = {
+ADVICE = {   # by the reason ``decide`` gives
     "strong": "The adapter moves the images towards the training set and holds up at 1.5; use it at 0.7-1.0.",
     "weak": "The adapter has a visible but small effect. Train longer (more steps or epochs) or raise the learning "
             "rate a little; use it at 1.0 or above meanwhile.",
-    "none": "The adapter changes the images less than the seed does. Raise the learning rate or the steps, and "
-            "check that the trigger word appears in the captions (the Dataset tab's report shows it).",
-    "overbaked": "The adapter overshoots: at 1.0 the images drift away from the training set again, or 1.5 "
-                 "collapses. Train fewer steps, lower the learning rate or alpha, or use it at 0.5.",
+    "no-change": "The adapter changes the images less than the seed does: it learned next to nothing. Raise the "
+                 "learning rate or the steps, and check that the trigger word appears in the captions (the Dataset "
+                 "tab's report shows it).",
+    "no-gain": "The adapter changes the images but not towards the training set (less than the seed spread). "
+               "Raise the learning rate or the steps, and check that the trigger word appears in the captions.",
+    "drift": "The adapter overshoots: a lower strength looks more like the training set than 1.0. Train fewer "
+             "steps, lower the learning rate or alpha, or use it at the best-scoring strength.",
+    "collapse": "The adapter is close to breaking: at 1.5 the images fall apart. Use it at 1.0 or below, or train "
+                "fewer steps or with a lower learning rate or alpha.",
+    "away": "The adapter changes the images a lot, away from the training set: it is overtrained or broken. Train "
+            "fewer steps, lower the learning rate or alpha.",
     "unknown": "The effect check could not run (see the log); the adapter is saved. Render it on the Preview tab.",
 }
+VERDICT_OF = {"strong": "strong", "weak": "weak", "no-change": "none", "no-gain": "none", "drift": "overbaked",
+              "collapse": "overbaked", "away": "overbaked", "unknown": "unknown"}
 
 
 @dataclass
@@ -53,6 +62,7 @@ class EffectResult:
 
     verdict: str
     advice: str
+    reason: str = ""          # why: no-change / no-gain / weak / strong / drift / collapse / away (``decide``)
     prompts: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     strengths: list[float] = field(default_factory=list)
@@ -137,29 +147,29 @@ def _batched_prompts(base, pipe, prompts: Sequence[str], text_encoding: dict) ->
 
 
 def decide(scores: np.ndarray, change: float, strengths: Sequence[float] = STRENGTHS) -> tuple[str, float]:
-    """(verdict, spread) from ``scores[strength, prompt, seed]`` and the relative pixel change at 1.0."""
+    """(reason, spread) from ``scores[strength, prompt, seed]`` and the relative pixel change at 1.0 (``pixel_change``);
+    the verdict is ``VERDICT_OF[reason]``. Spread: the seed-to-seed standard deviation of one image's score at 0
+    and 1.0 (at least MIN_SPREAD)."""
     s = list(strengths)
     i0, i1 = s.index(0.0), s.index(1.0)
-    seeds = scores.shape[2]
-    if seeds > 1:
-        variances = scores[[i0, i1]].var(axis=2, ddof=1)
-        spread = max(float(np.sqrt(variances.mean())), MIN_SPREAD)
+    if scores.shape[2] > 1:
+        spread = max(float(np.sqrt(scores[[i0, i1]].var(axis=2, ddof=1).mean())), MIN_SPREAD)
     else:
         spread = MIN_SPREAD
     means = scores.mean(axis=(1, 2))
     gain = (means[i1] - means[i0]) / spread
     if change < MIN_CHANGE:
-        return "none", spread
-    lower = [means[i] for i, w in enumerate(s) if w < 1.0]
+        return "no-change", spread
+    lower = max(means[i] for i, w in enumerate(s) if w < 1.0)
     higher = [means[i] for i, w in enumerate(s) if w > 1.0]
-    if max(lower) - means[i1] >= DRIFT * spread and max(lower) > means[i0] + spread:
-        return "overbaked", spread        # it learned (a lower strength gets closer), then 1.0 drifts away again
+    if lower - means[i1] >= DRIFT * spread and lower > means[i0] + spread:
+        return "drift", spread            # it learned (a lower strength gets closer), then 1.0 drifts away again
     if higher and means[i1] - min(higher) >= COLLAPSE * spread:
-        return "overbaked", spread        # 1.5 collapses
+        return "collapse", spread         # 1.5 falls apart
     if gain < -DRIFT:
-        return "overbaked", spread        # it changes the images a lot, away from the training set
+        return "away", spread             # it changes the images a lot, away from the training set
     if gain < 1.0:
-        return "none", spread
+        return "no-gain", spread
     return ("strong" if gain >= STRONG_GAIN else "weak"), spread
 
 
@@ -188,10 +198,10 @@ def check_effect(renderer, adapter: str | Path, reference: Sequence[str | Path],
     flat = [im for row in images for per_prompt in row for im in per_prompt]
     scores = np.asarray(scorer.scores(flat), dtype=np.float64).reshape(len(strengths), len(prompts), len(seeds))
     change = pixel_change(images, strengths)
-    verdict, spread = decide(scores, change, strengths)
+    reason, spread = decide(scores, change, strengths)
     means = [round(float(m), 4) for m in scores.mean(axis=(1, 2))]
-    result = EffectResult(verdict=verdict, advice=ADVICE[verdict], prompts=list(prompts), seeds=list(seeds),
-                          strengths=[float(w) for w in strengths], scores=means,
+    result = EffectResult(verdict=VERDICT_OF[reason], reason=reason, advice=ADVICE[reason], prompts=list(prompts),
+                          seeds=list(seeds), strengths=[float(w) for w in strengths], scores=means,
                           base_score=means[list(strengths).index(0.0)], dataset_score=round(scorer.dataset_score, 4),
                           spread=round(spread, 4), change=round(change, 3), scorer=scorer.name, adapter=str(adapter))
     from .effect_grid import write_grid
@@ -229,7 +239,7 @@ def run(renderer_factory: Callable[[], object], adapter: str | Path, reference: 
             for line in traceback.format_exc().rstrip().splitlines()[-6:]:
                 log(f"effect check: {line}")
         log(f"effect check failed: {message}")
-        result = EffectResult(verdict="unknown", advice=ADVICE["unknown"], prompts=list(prompts),
+        result = EffectResult(verdict="unknown", reason="unknown", advice=ADVICE["unknown"], prompts=list(prompts),
                               seeds=list(kwargs.get("seeds", SEEDS)),
                               strengths=[float(w) for w in kwargs.get("strengths", STRENGTHS)],
                               adapter=str(adapter), error=message)
