@@ -45,7 +45,7 @@ class EffectPanel:
 def panel(prefix: str) -> EffectPanel:
     card = gr.HTML(elem_id=f"{prefix}-effect")
     grid = gr.Image(label="Effect check: strengths (rows) x seeds (columns)", interactive=False, visible=False,
-                    format="png", elem_id=f"{prefix}-effect-grid", show_label=True)
+                    format="png", elem_id=f"{prefix}-effect-grid", show_label=False)
     return EffectPanel(card, grid)
 
 
