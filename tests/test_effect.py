@@ -139,3 +139,19 @@ def test_effect_check_off(tmp_path):
     train(quick_config(tmp_path, effect_check=False), base=tiny_base(), listeners=[events.append])
     assert not (tmp_path / "run" / "effect.json").exists()
     assert not any(isinstance(e, Effect) for e in events)
+
+
+def test_check_leaves_the_base_as_training_left_it(tmp_path):
+    """The in-training check attaches the saved file next to the trained layers; afterwards only the trained
+    layers remain, switched on, so a caller's ``base`` renders and scores as the trained model."""
+
+    from trainer.files.adapters import attached
+
+    base = tiny_base()
+    path = train(quick_config(tmp_path, trigger_word="sq"), base=base)
+    data = json.loads((tmp_path / "run" / "effect.json").read_text())
+    assert data["verdict"] != "unknown", data["error"]
+    assert attached(base.components()) == ["default"]
+    layer = next(m for m in base.unet.modules() if hasattr(m, "scaling") and "default" in getattr(m, "scaling", {}))
+    assert layer.scaling["default"] == pytest.approx(4.0 / 4) and "default" in layer.active_adapters
+    assert path.is_file()

@@ -121,26 +121,35 @@ def render_samples(run: Run) -> None:
 
 
 def check_effect(run: Run, path: Path, should_stop: Callable[[], bool]) -> None:
-    """The final adapter's effect check (render/effect.py), on this run's base model with the trained layers
-    taken out and the saved file attached, as a user loads it. Never raises: a failure is logged, verdict unknown."""
-    from ..network.layers import delete_adapter
+    """The final adapter's effect check (render/effect.py) on this run's base model, with the training's own
+    layers switched off and the saved file attached, as a user loads it; afterwards the file is detached and the
+    trained layers are on again (a caller's ``base`` is left as training left it). Never raises: a failure is
+    logged and the verdict is unknown."""
+    from ..files.adapters import attached, set_weights
     from ..render import effect
     from ..render.generate import Renderer
 
-    cfg = run.config
+    cfg, components = run.config, run.base.components()
+    made: list[Renderer] = []
 
     def renderer() -> Renderer:
-        delete_adapter(run.base.components(), "default")     # the training's own layers (the file holds them)
-        for module in run.base.components().values():
-            module.eval()
-        return Renderer(run.base)
+        if "default" in attached(components):
+            set_weights(components, {"default": 0.0})
+        made.append(Renderer(run.base))
+        return made[0]
 
     prompts = effect.effect_prompts([item.caption for item in run.report.items], cfg.trigger_word)
     run.emit(Log(f"effect check: {len(prompts)} prompt(s) x strengths {', '.join(f'{w:g}' for w in effect.STRENGTHS)}"
                  f" x {len(effect.SEEDS)} seeds"))
-    result = effect.run(renderer, path, [item.path for item in run.report.items], prompts, run.run_dir,
-                        log=lambda message: run.emit(Log(message)), clip_model=cfg.clip_model or None,
-                        size=cfg.resolution or None, steps=effect.CHECK_STEPS, guidance=cfg.sample_guidance,
-                        text_encoding=cfg.text_encoding, should_stop=should_stop)
+    try:
+        result = effect.run(renderer, path, [item.path for item in run.report.items], prompts, run.run_dir,
+                            log=lambda message: run.emit(Log(message)), clip_model=cfg.clip_model or None,
+                            size=cfg.resolution or None, steps=effect.CHECK_STEPS, guidance=cfg.sample_guidance,
+                            text_encoding=cfg.text_encoding, should_stop=should_stop)
+    finally:
+        if made:
+            made[0].detach(path)
+        if "default" in attached(components):
+            set_weights(components, {"default": 1.0})
     run.emit(Effect(verdict=result.verdict, line=result.line(), advice=result.advice,
                     path=str(run.run_dir / effect.EFFECT_JSON), grid=result.grid))
