@@ -21,6 +21,7 @@ STRENGTHS = (0.0, 0.5, 1.0, 1.5)
 SEEDS = (0, 1, 2)
 CHECK_STEPS = 12         # sampler steps per image (DPM++): enough to see what the adapter draws
 MAX_CAPTIONS = 3          # the trigger word alone plus up to this many of the dataset's own captions
+BATCH_PIXELS = 6 * 512 * 512    # pixels per pipeline call: 6 images of 512 px; SDXL 1024 px: one prompt (3)
 MAX_REFERENCE = 64        # training images the score compares with (evenly picked from larger sets)
 EFFECT_JSON, EFFECT_PNG = "effect.json", "effect.png"
 VERDICTS = ("strong", "weak", "none", "overbaked", "unknown")
@@ -112,21 +113,26 @@ def reference_images(paths: Sequence[str | Path], limit: int = MAX_REFERENCE) ->
 def render_strengths(renderer, adapter: str | Path, prompts: Sequence[str], *, strengths=STRENGTHS, seeds=SEEDS,
                      size: int | None = None, steps: int = 20, guidance: float = 7.0, text_encoding: dict | None = None,
                      should_stop: Callable[[], bool] | None = None) -> list[list[list]]:
-    """images[strength][prompt][seed] (PIL); each strength is one pipeline batch of every prompt and seed."""
+    """images[strength][prompt][seed] (PIL). A pipeline call renders every seed of as many prompts as
+    BATCH_PIXELS allows at this size (all of them on the built-in model; one prompt's seeds for SDXL)."""
     import torch
 
     base, pipe = renderer.base, renderer.pipeline
     size = size or base.resolution
-    kwargs = _batched_prompts(base, pipe, prompts, text_encoding or {})
+    per_call = max(1, BATCH_PIXELS // (size * size) // len(seeds))
+    groups = [list(prompts[i:i + per_call]) for i in range(0, len(prompts), per_call)]
+    kwargs = [_batched_prompts(base, pipe, group, text_encoding or {}) for group in groups]
     out = []
     for strength in strengths:
-        if should_stop is not None and should_stop():
-            raise TrainerError("The effect check was stopped before it finished.", field="effect_check")
         renderer.set_strengths({str(adapter): float(strength)})
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for _ in prompts for s in seeds]
-        with torch.no_grad():
-            images = pipe(**kwargs, num_images_per_prompt=len(seeds), generator=generators, height=size, width=size,
-                          num_inference_steps=steps, guidance_scale=guidance).images
+        images = []
+        for group, prompt_args in zip(groups, kwargs):
+            if should_stop is not None and should_stop():
+                raise TrainerError("The effect check was stopped before it finished.", field="effect_check")
+            generators = [torch.Generator(device="cpu").manual_seed(int(s)) for _ in group for s in seeds]
+            with torch.no_grad():
+                images += pipe(**prompt_args, num_images_per_prompt=len(seeds), generator=generators, height=size,
+                               width=size, num_inference_steps=steps, guidance_scale=guidance).images
         out.append([list(images[p * len(seeds):(p + 1) * len(seeds)]) for p in range(len(prompts))])
     return out
 
