@@ -78,6 +78,7 @@ def test_clip_scorer_with_a_local_folder(tmp_path):
     ((0.36, 0.40, 0.49, 0.48), 3.0, "strong"),
     ((0.36, 0.55, 0.40, 0.30), 3.0, "drift"),         # 0.5 is closest; 1.0 drifts away again
     ((0.36, 0.45, 0.50, 0.20), 3.0, "collapse"),      # 1.5 falls apart
+    ((0.36, 0.45, 0.60, 0.57), 3.0, "strong"),        # 1.5 a little lower, a small share of the gain: holds
     ((0.36, 0.30, 0.25, 0.24), 3.0, "away"),          # moves far away from the data at every strength
 ])
 def test_verdict_rule(means, change, reason):

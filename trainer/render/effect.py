@@ -30,7 +30,8 @@ VERDICTS = ("strong", "weak", "none", "overbaked", "unknown")
 MIN_CHANGE = 0.15         # pixel change at 1.0 vs 0 (same seed) below this share of the change between seeds: none
 STRONG_GAIN = 3.0         # score gain at 1.0 over 0 of at least this many seed spreads: strong (1 spread: weak)
 DRIFT = 1.0               # 1.0 scoring this many spreads below the best lower strength: it drifts away again
-COLLAPSE = 2.0            # 1.5 scoring this many spreads below 1.0: collapses
+COLLAPSE = 2.0            # 1.5 scoring this many spreads below 1.0, and
+COLLAPSE_SHARE = 0.25     # losing at least this share of what 1.0 gained over 0: collapses
 MIN_SPREAD = 0.01         # the spread's floor, so identical seeds do not make any difference look huge
 
 ADVICE = {   # by the reason ``decide`` gives
@@ -170,7 +171,8 @@ def decide(scores: np.ndarray, change: float, strengths: Sequence[float] = STREN
     higher = [means[i] for i, w in enumerate(s) if w > 1.0]
     if lower - means[i1] >= DRIFT * spread and lower > means[i0] + spread:
         return "drift", spread            # it learned (a lower strength gets closer), then 1.0 drifts away again
-    if higher and means[i1] - min(higher) >= COLLAPSE * spread:
+    drop = means[i1] - min(higher) if higher else 0.0
+    if drop >= COLLAPSE * spread and drop >= COLLAPSE_SHARE * abs(means[i1] - means[i0]):
         return "collapse", spread         # 1.5 falls apart
     if gain < -DRIFT:
         return "away", spread             # it changes the images a lot, away from the training set

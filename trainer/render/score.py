@@ -16,7 +16,7 @@ from PIL import Image
 from ..errors import TrainerError
 
 SIZE = 64                 # descriptors are computed on a 64 x 64 copy: cheap, and blind to fine texture
-COLOUR_BINS = 8           # per RGB channel: 512 joint cells
+COLOUR_BINS = 4           # per RGB channel: 64 joint cells (8 made near-white and white disjoint)
 ORIENTATION_BINS = 8      # gradient directions over 180 degrees, weighted by gradient strength
 MAGNITUDE_EDGES = (0.02, 0.05, 0.1, 0.2, 0.4)   # luminance-gradient bins (0..1 luminance per pixel)
 GRID = 4                  # edge density on a 4 x 4 grid: where the structure is
