@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "zkw"
 LINE = re.compile(r"^effect: (strong|weak|none|overbaked) \(\d\.\d\d at 1\.0 vs \d\.\d\d at 0\)$")
 # The shortest runs that give the calibrated verdicts (docs/EFFECT.md): steps at the quick preset's batch of 4.
-QUICK_STEPS, HOT_STEPS, HOT_LR = 120, 20, 3e-2
+QUICK_STEPS, HOT_STEPS, HOT_LR = 180, 60, 3e-2
 KEYS = {"verdict", "reason", "advice", "prompts", "seeds", "strengths", "scores", "base_score", "dataset_score",
         "spread", "change", "scorer", "adapter", "grid", "error"}
 
