@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 
 from app.common import guard
-from app.service import JobSnapshot, Service
+from app.service import Service
 
 KINDS = {"strong": "ok", "weak": "warn", "none": "error", "overbaked": "error", "unknown": "info"}
 HELP = ("Rows: adapter strength 0 (base model), 0.5, 1, 1.5; columns: fixed seeds, one block per prompt (the "
@@ -49,9 +49,21 @@ def panel(prefix: str) -> EffectPanel:
     return EffectPanel(card, grid)
 
 
-def train_updates(p: EffectPanel, snapshot: JobSnapshot) -> list:
-    """The Train tab's effect panel for a job snapshot (hidden until the run's check has run)."""
-    return p.show(dict(snapshot.effect) if snapshot.effect else None)
+def train_panel(service: Service, run: gr.Dropdown) -> EffectPanel:
+    """The Train tab's effect panel for the picked run: hidden until its check has run, redrawn (every 2 s and
+    when the run changes) only when the result changed."""
+    p = panel("train")
+    seen = gr.State("")
+
+    def on_tick(last: str, run_name: str):
+        s, _ = service.job_view(run_name)
+        effect = dict(s.effect) if s.effect else None
+        key = f"{s.run}|{effect}"
+        return [gr.skip()] * 3 if key == last else [key, *p.show(effect)]
+
+    gr.Timer(2.0).tick(on_tick, [seen, run], [seen, *p.outputs], show_progress="hidden", queue=False)
+    run.change(on_tick, [seen, run], [seen, *p.outputs], show_progress="hidden", queue=False)
+    return p
 
 
 def preview_section(service: Service, adapter: gr.Dropdown, model: gr.Textbox) -> EffectPanel:

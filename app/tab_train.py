@@ -11,7 +11,7 @@ from typing import Any
 import gradio as gr
 
 from app.common import guard, label, notice
-from app.effect_view import EffectPanel, panel as effect_panel, train_updates
+from app.effect_view import train_panel
 from app.service import FieldSpec, JobSnapshot, Service, TrainerError
 from app.train_view import CHART_HELP, SERIES_COLOURS, loss_frame, progress_html, queue_html
 
@@ -94,7 +94,6 @@ class _Panel:
     log: gr.Textbox
     timer: gr.Timer
     seen: gr.State
-    effect: EffectPanel                # the effect check's verdict and grid, once the run has one
 
 
 def _component(spec: FieldSpec, value: Any, **extra: Any) -> gr.components.Component:
@@ -145,6 +144,7 @@ def build(service: Service, run: gr.Dropdown, trigger: gr.Textbox) -> TrainTab:
     advanced, advanced_fields = _advanced_settings(form)
     preset_name, preset_desc, save_preset = _save_preset_row()
     panel = _run_panel(service.gpu_count())
+    train_panel(service, run)          # the effect check's verdict and grid, once the run has one
     form.finish()
     _wire_settings(service, form, run, preset, source, scale)
     _wire_training(service, form, run, advanced, advanced_fields, panel)
@@ -253,12 +253,11 @@ def _run_panel(gpu_count: int) -> _Panel:
                     f"{html.escape(CHART_HELP)}</div>", elem_id="loss-help")
         samples = gr.Gallery(label="Samples during training", columns=3, height=280, elem_id="train-samples",
                              scale=2)
-    effect = effect_panel("train")
     log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
     timer = gr.Timer(1.0)
     seen = gr.State({})
     return _Panel(gpus, start, stop, resume, sample_now, save_now, form_notice, progress, queue, queue_row, queue_pick,
-                  queue_remove, chart, samples, log, timer, seen, effect)
+                  queue_remove, chart, samples, log, timer, seen)
 
 
 # -- wiring ----------------------------------------------------------------------------------
@@ -371,7 +370,7 @@ def _wire_progress(service: Service, run: gr.Dropdown, panel: _Panel) -> None:
     """Every second (and when the picked run changes), show what ``Service.job_view`` gives for the picked run
     and the queue; each part is redrawn only when it changed."""
     outputs = [panel.seen, panel.progress, panel.chart, panel.samples, panel.log, panel.stop, panel.resume,
-               *panel.effect.outputs, panel.start, panel.queue, panel.queue_row, panel.queue_pick]
+               panel.start, panel.queue, panel.queue_row, panel.queue_pick]
 
     def on_tick(seen: dict, run_name: str):
         s, o = service.job_view(run_name)
@@ -381,10 +380,9 @@ def _wire_progress(service: Service, run: gr.Dropdown, panel: _Panel) -> None:
         if view != seen.get("view"):
             current = o.current.active and o.current.run == s.run
             out += [progress_html(s), loss_frame(s), list(s.samples), "\n".join(s.logs),
-                    gr.update(interactive=s.active), gr.update(visible=s.resumable and not current),
-                    *train_updates(panel.effect, s)]
+                    gr.update(interactive=s.active), gr.update(visible=s.resumable and not current)]
         else:
-            out += [gr.skip()] * 8
+            out += [gr.skip()] * 6
         if o.version != seen.get("overview"):
             out += [gr.update(value="Add to queue" if o.current.active else "Start training"), queue_html(o)]
         else:
