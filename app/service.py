@@ -17,6 +17,7 @@ from trainer.events import Control
 
 from app.exporting import ExportMixin
 from app.jobs import JobSnapshot, ThreadJob
+from app.preflight import PreflightMixin
 from app.rendering import RenderMixin, _Cached
 from app.runner import ProcessJob, file_request, read_status, record_snapshot, visible_gpus
 from app.runs import BUILTIN_MODEL_DIR, IMAGE_EXTENSIONS, RunsMixin
@@ -27,7 +28,7 @@ __all__ = ["Service", "JobSnapshot", "Overview", "FieldSpec", "TrainerError", "C
            "IMAGE_EXTENSIONS", "BUILTIN_MODEL_DIR"]
 
 
-class Service(RunsMixin, SettingsMixin, RenderMixin, ExportMixin):
+class Service(RunsMixin, SettingsMixin, RenderMixin, ExportMixin, PreflightMixin):
     """All app state that outlives a page: the outputs folder, the jobs, loaded models. Each concern lives in
     its mixin; ``__init__`` sets the state they share. ``jobs`` (a JobQueue) runs each training as a trainer
     process, or with ``train_fn`` (tests) in a thread of this one; on start it reattaches to a run still

@@ -13,6 +13,7 @@ import gradio as gr
 from app.common import guard, label, notice
 from app.effect_view import train_panel
 from app.service import FieldSpec, JobSnapshot, Service, TrainerError
+from app.estimate_view import Preflight
 from app.train_view import CHART_HELP, SERIES_COLOURS, loss_frame, progress_html, queue_html
 
 # Fields shown up front, in this order; every other field goes to the Advanced accordion by section.
@@ -94,6 +95,8 @@ class _Panel:
     log: gr.Textbox
     timer: gr.Timer
     seen: gr.State
+    estimate: gr.HTML                 # the preflight line under Start (app/estimate_view.py)
+    estimate_btn: gr.Button
 
 
 def _component(spec: FieldSpec, value: Any, **extra: Any) -> gr.components.Component:
@@ -238,6 +241,9 @@ def _run_panel(gpu_count: int) -> _Panel:
         resume = gr.Button("Resume", variant="secondary", elem_id="resume-btn", visible=False, scale=1)
         sample_now = gr.Button("Sample now", size="sm", scale=1)
         save_now = gr.Button("Save now", size="sm", scale=1)
+    with gr.Row(equal_height=True):
+        estimate = gr.HTML(elem_id="train-estimate")
+        estimate_btn = gr.Button("Estimate memory and time", size="sm", scale=0, min_width=200, elem_id="estimate-btn")
     form_notice = gr.HTML(elem_id="train-notice")
     progress = gr.HTML(progress_html(JobSnapshot()), elem_id="train-progress")
     queue = gr.HTML(elem_id="train-queue")
@@ -257,7 +263,7 @@ def _run_panel(gpu_count: int) -> _Panel:
     timer = gr.Timer(1.0)
     seen = gr.State({})
     return _Panel(gpus, start, stop, resume, sample_now, save_now, form_notice, progress, queue, queue_row, queue_pick,
-                  queue_remove, chart, samples, log, timer, seen)
+                  queue_remove, chart, samples, log, timer, seen, estimate, estimate_btn)
 
 
 # -- wiring ----------------------------------------------------------------------------------
@@ -297,6 +303,8 @@ def _wire_training(service: Service, form: _Form, run: gr.Dropdown, advanced: gr
     """Start or queue (the form is checked first: errors show on their fields, and open Advanced when one is
     there), Stop, Resume, sample/save requests to the running job, and Remove from the queue."""
 
+    preflight = Preflight(service)
+
     @guard
     def on_start(run_name: str, gpus: int, *values):
         errors = service.validate_form(form.as_values(values))
@@ -304,17 +312,21 @@ def _wire_training(service: Service, form: _Form, run: gr.Dropdown, advanced: gr
         if errors:
             text = "Fix these settings first:\n" + "\n".join(f"{label(k)}: {v}" for k, v in errors.items())
             hidden = any(k in errors for k in advanced_fields)
-            return [notice(text, "error"), gr.update(open=True) if hidden else gr.skip(), *updates]
+            return [notice(text, "error"), gr.update(open=True) if hidden else gr.skip(), *updates, gr.skip()]
+        go, line = preflight.check(run_name, form.as_values(values))
+        if not go:
+            return [notice("Not started: this run may not fit in memory (see the estimate under Start). Change a "
+                           "setting, or press Start again to train anyway.", "warn"), gr.skip(), *updates, line]
         try:
             config = service.start_training(run_name, form.as_values(values), gpus)
         except TrainerError as err:  # shown inline (and as a toast); raising would mark every field red
             gr.Warning(str(err), title="Not started")
-            return [notice(str(err), "error"), gr.skip(), *updates]
+            return [notice(str(err), "error"), gr.skip(), *updates, line]
         ahead = service.jobs.position(run_name)
         if ahead is not None:
             return [notice(f"Queued run '{run_name}', {ahead} ahead: it starts when the run(s) before it end.",
-                           "info"), gr.skip(), *updates]
-        return [notice(f"Started: {config.output_dir}", "ok"), gr.skip(), *updates]
+                           "info"), gr.skip(), *updates, line]
+        return [notice(f"Started: {config.output_dir}", "ok"), gr.skip(), *updates, line]
 
     def on_resume(run_name: str, gpus: int):
         try:
@@ -343,8 +355,10 @@ def _wire_training(service: Service, form: _Form, run: gr.Dropdown, advanced: gr
             return notice(f"Removed '{queued}' from the queue.", "info")
         return notice(f"'{queued or ''}' is not in the queue (it may have started already).", "warn")
 
-    panel.start.click(on_start, [run, panel.gpus, *form.inputs], [panel.notice, advanced, *form.inputs],
-                      concurrency_id="train-start", concurrency_limit=1)
+    panel.start.click(on_start, [run, panel.gpus, *form.inputs], [panel.notice, advanced, *form.inputs,
+                      panel.estimate], concurrency_id="train-start", concurrency_limit=1)
+    panel.estimate_btn.click(lambda run_name, *values: preflight.line(run_name, form.as_values(values)),
+                             [run, *form.inputs], [panel.estimate], concurrency_id="estimate", concurrency_limit=1)
     panel.resume.click(on_resume, [run, panel.gpus], [panel.notice], concurrency_id="train-start", concurrency_limit=1)
     panel.stop.click(on_stop, [run], [panel.notice])
     panel.sample_now.click(on_request("sample"), None, [panel.notice])

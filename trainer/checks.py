@@ -67,6 +67,8 @@ def config_errors(cfg: TrainConfig) -> dict[str, str]:
     for name in ("epochs", "batch_size", "gradient_accumulation_steps", "repeats", "sample_steps"):
         if getattr(cfg, name) < 1:
             e[name] = f"{getattr(cfg, name)} must be 1 or more."
+    if cfg.cpu_threads < 0:
+        e["cpu_threads"] = f"{cfg.cpu_threads} must be 0 (automatic) or a number of threads."
     if cfg.keep_checkpoints < 1:
         e["keep_checkpoints"] = f"{cfg.keep_checkpoints} must be 1 or more; 2 is a good choice."
     for name in ("max_train_steps", "lr_warmup_steps", "save_every_n_steps", "sample_every_n_steps",

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .cli_effect import add_effect_command, cmd_effect
+from .cli_estimate import add_estimate_command, cmd_estimate
 from .cli_files import FILE_COMMANDS, add_file_commands
 from .errors import ConfigError, TrainerError
 
@@ -24,13 +25,14 @@ TRAIN_FLAGS = {
     "mixed_precision": "mixed_precision", "text_encoder_lr": "text_encoder_lr",
     "projector_rank": "projector_rank", "projector_alpha": "projector_alpha", "projector_lr": "projector_lr",
     "cache_dir": "cache_dir", "conv_rank": "conv_rank", "conv_alpha": "conv_alpha", "network": "network",
-    "checkpoint_every": "checkpoint_every_n_steps", "keep_checkpoints": "keep_checkpoints",
+    "checkpoint_every": "checkpoint_every_n_steps", "keep_checkpoints": "keep_checkpoints", "threads": "cpu_threads",
     "clip_model": "clip_model",
 }
 # switch flag -> (TrainConfig field, value it sets); an absent switch leaves the preset/config value
 TRAIN_SWITCHES = {"train_text_encoder": ("train_text_encoder", True), "train_projectors": ("train_projector", True),
                   "no_unet": ("train_unet", False), "portable": ("export_portable", True),
                   "no_buckets": ("enable_buckets", False), "no_cache": ("cache_latents", False),
+                  "compile": ("torch_compile", True), "gradient_checkpointing": ("gradient_checkpointing", True),
                   "no_effect_check": ("effect_check", False)}
 
 
@@ -40,6 +42,43 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a LoRA on a folder of images with .txt captions")
+    add_train_arguments(t)
+    add_estimate_command(sub, add_train_arguments)
+
+    g = sub.add_parser("generate", help="render an image with zero or more LoRAs")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--model", default="builtin")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--guidance", type=float, default=7.0)
+    g.add_argument("--negative", default="")
+    g.add_argument("--size", type=int, help="image size in pixels (default: the model's native size)")
+    g.add_argument("--clip-skip", type=int, default=0, metavar="N",
+                   help="condition on the text encoder's layer N from the end, as the LoRA was trained "
+                        "(A1111's clip skip; 0/1 = last layer; SD1/SD2 only)")
+    g.add_argument("--max-token-length", type=int, default=75, choices=(75, 150, 225),
+                   help="prompt tokens the text encoder sees; 150/225 encode longer prompts in chunks of 75")
+    g.add_argument("--out", required=True, help="PNG file to write")
+
+    r = sub.add_parser("report", help="check a dataset folder before training")
+    r.add_argument("--data", required=True)
+    r.add_argument("--trigger", default="")
+    r.add_argument("--resolution", type=int, default=0,
+                   help="warn about images smaller than this (default 0: no size check)")
+    r.add_argument("--no-buckets", action="store_true",
+                   help="do not show the aspect-ratio buckets (shown for --resolution, default 512)")
+    r.add_argument("--caption-extension", default=".txt", metavar="EXT",
+                   help="extension of the caption files beside the images (default .txt), e.g. .caption")
+
+    sub.add_parser("presets", help="list the presets")
+    add_file_commands(sub)
+    add_effect_command(sub)
+    return parser
+
+
+def add_train_arguments(t: argparse.ArgumentParser) -> None:
+    """The flags of `train` (and of `estimate`, which predicts a train command's memory and time)."""
     t.add_argument("--data", help="folder of images with same-stem .txt captions (required unless --resume)")
     t.add_argument("--out", help="run folder: adapter, config.json, samples, checkpoints (required unless --resume)")
     t.add_argument("--resume", metavar="RUN_DIR",
@@ -95,38 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "CLIP image similarity instead of colours and edges")
     t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other TrainConfig field, e.g. --set noise_offset=0.05 (repeatable)")
+    t.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the UNet (GPU: faster steps after compiling)")
+    t.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute activations in the backward pass (much less memory, ~30%% slower)")
+    t.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: the physical cores, shared with other running jobs)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    g = sub.add_parser("generate", help="render an image with zero or more LoRAs")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--model", default="builtin")
-    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--guidance", type=float, default=7.0)
-    g.add_argument("--negative", default="")
-    g.add_argument("--size", type=int, help="image size in pixels (default: the model's native size)")
-    g.add_argument("--clip-skip", type=int, default=0, metavar="N",
-                   help="condition on the text encoder's layer N from the end, as the LoRA was trained "
-                        "(A1111's clip skip; 0/1 = last layer; SD1/SD2 only)")
-    g.add_argument("--max-token-length", type=int, default=75, choices=(75, 150, 225),
-                   help="prompt tokens the text encoder sees; 150/225 encode longer prompts in chunks of 75")
-    g.add_argument("--out", required=True, help="PNG file to write")
-
-    r = sub.add_parser("report", help="check a dataset folder before training")
-    r.add_argument("--data", required=True)
-    r.add_argument("--trigger", default="")
-    r.add_argument("--resolution", type=int, default=0,
-                   help="warn about images smaller than this (default 0: no size check)")
-    r.add_argument("--no-buckets", action="store_true",
-                   help="do not show the aspect-ratio buckets (shown for --resolution, default 512)")
-    r.add_argument("--caption-extension", default=".txt", metavar="EXT",
-                   help="extension of the caption files beside the images (default .txt), e.g. .caption")
-
-    sub.add_parser("presets", help="list the presets")
-    add_file_commands(sub)
-    add_effect_command(sub)
-    return parser
 
 
 def config_from_args(args: argparse.Namespace):
@@ -271,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     # Library chatter (optional-dependency notices) is not for the console; our own events are.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    command = {"train": cmd_train, "generate": cmd_generate, "report": cmd_report, "presets": cmd_presets,
-               "effect": cmd_effect, **FILE_COMMANDS}
+    command = {"train": cmd_train, "estimate": cmd_estimate, "generate": cmd_generate, "report": cmd_report,
+               "presets": cmd_presets, "effect": cmd_effect, **FILE_COMMANDS}
     try:
         return command[args.command](args)
     except TrainerError as err:

@@ -167,7 +167,13 @@ class TrainConfig:
     lr_warmup_steps: int = _optim(0)
     mixed_precision: str = _optim(
         "no", "no / fp16 / bf16 (frozen weights only; LoRA stays fp32)", choices=MIXED_PRECISIONS)
-    gradient_checkpointing: bool = _optim(False)
+    gradient_checkpointing: bool = _optim(False, "recompute activations in the backward pass: much less memory, "
+                                          "~30% slower")
+    torch_compile: bool = _optim(False, "compile the UNet with torch.compile (GPU: faster steps after a "
+                                 "minute or more of compiling)")
+    channels_last: bool = _optim(False, "UNet in channels-last memory format (faster convolutions on NVIDIA "
+                                 "GPUs with fp16/bf16)")
+    cpu_threads: int = _optim(0, "torch CPU threads; 0 = the physical cores, shared with other running jobs")
     min_snr_gamma: float = _optim(5.0, "min-SNR loss weighting; 0 disables")
     zero_terminal_snr: bool = _optim(False, "rescale the noise schedule to reach SNR 0 (v-prediction models only)")
     ema_decay: float = _optim(0.0, "EMA of the LoRA weights, exported instead of the last ones (0.999 typical)")

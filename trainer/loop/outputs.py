@@ -42,6 +42,7 @@ class Run:
     resume: Any = None                     # the state.Checkpoint a resumed run continues from
     ema: Any = None                        # ema.Ema when ema_decay is set: exports use its weights
     position: int = 0                      # micro-batches of the current epoch already trained
+    threads: Any = None                    # threads.ThreadShare: this process's share of the CPU cores
 
 
 

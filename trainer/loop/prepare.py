@@ -81,7 +81,7 @@ def prepare(run: Run) -> Parts:
     optimizer = make_optimizer(config, [{"params": p, "lr": lr_of[n], "name": n} for n, p in params.items()])
     lr_scheduler = make_scheduler(config, optimizer, total)
     optimizer = accelerator.prepare(optimizer)
-    unet = run.base.unet
+    unet = _fast_paths(run, device)
     if config.ema_decay:
         run.ema = Ema([p for ps in params.values() for p in ps], config.ema_decay,
                       "cpu" if config.ema_on_cpu else device)
@@ -90,6 +90,22 @@ def prepare(run: Run) -> Parts:
                   lr_scheduler=lr_scheduler,
                   alphas_cumprod=run.base.noise_scheduler.alphas_cumprod.to(device), total=total,
                   validate=_validator(run, data, unet, device, weight_dtype), ema=run.ema)
+
+
+def _fast_paths(run: Run, device: torch.device) -> nn.Module:
+    """The UNet the steps call: TF32 matmuls on NVIDIA GPUs, channels-last and torch.compile when asked.
+    Attention is diffusers' default, torch's scaled_dot_product_attention (flash / memory-efficient kernels)."""
+    config, unet = run.config, run.base.unet
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if config.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        run.emit(Log("UNet in channels-last memory format"))
+    if config.torch_compile:
+        run.emit(Log("torch.compile: the UNet is compiled during the first steps"))
+        return torch.compile(unet)
+    return unet
 
 
 def _prepare_data(run: Run, device) -> DataPipe:

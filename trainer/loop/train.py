@@ -27,9 +27,11 @@ from .records import RunRecord, TensorBoardLog
 from .state import Checkpoint, find_checkpoint, load_checkpoint, resume_changes, save_checkpoint
 from .optimizers import make_optimizer, set_training_mode
 from .prepare import Parts, prepare
+from .threads import ThreadShare
 from .validation import every_n_steps, split_report
 
 __all__ = ["train", "diffusion_loss", "make_optimizer"]
+OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError)
 
 
 def train(config: TrainConfig, *, listeners: Iterable[Listener] = (), control: Control | None = None,
@@ -55,13 +57,18 @@ def train(config: TrainConfig, *, listeners: Iterable[Listener] = (), control: C
             listener(event)
 
     run: Run | None = None
+    threads = ThreadShare(config.cpu_threads)
     try:
         emit(Log(note))
+        emit(Log(threads.describe()))
         run = _setup(config, base, emit, resume)
+        run.threads = threads
         return _loop(run, control)
     except TrainerError as err:
         emit(Failed(message=str(err), step=run.step if run else 0))
         raise
+    except OUT_OF_MEMORY as err:   # advice, the adapter so far, and the checkpoints already written are kept
+        raise _out_of_memory(run, err, emit) from err
     except Exception as err:  # an unexpected failure: keep what was learned, tell the user
         step = run.step if run else 0
         saved = save_interrupted(run) if run and run.step > 0 else None
@@ -69,6 +76,7 @@ def train(config: TrainConfig, *, listeners: Iterable[Listener] = (), control: C
         emit(Failed(message=f"Training failed at step {step}: {type(err).__name__}: {err}.{note}", step=step))
         raise
     finally:
+        threads.close()
         if record is not None:
             record.close()
         if tensorboard is not None:
@@ -222,6 +230,9 @@ def _train_steps(run: Run, parts: Parts, control: Control) -> deque[float]:
                               avg_loss=sum(losses) / len(losses), lr=parts.lr_scheduler.get_last_lr()[0],
                               it_per_s=1.0 / max(now - last_t, 1e-9), eta_s=(parts.total - run.step) / rate))
             step_loss, last_t = 0.0, now
+            changed = run.threads.refresh() if run.threads is not None else None
+            if changed:
+                run.emit(Log(changed))
             stop = distributed.agree(control.stop_requested, parts.device)
             if parts.validate and (run.step % every == 0 or run.step >= parts.total or stop):
                 _validate(run, parts)
@@ -265,6 +276,30 @@ def _micro_step(run: Run, parts: Parts, batch: dict | None, global_n: int, sync:
         if parts.ema is not None:
             parts.ema.update()
     return distributed.sum_value(local_sum, parts.device) / global_n
+
+
+def _out_of_memory(run: Run | None, err: BaseException, emit: Callable[[Event], None]) -> TrainerError:
+    """A run that ran out of memory ends with what would fit instead; the adapter so far is saved."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    step = run.step if run else 0
+    kind = "CUDA memory" if isinstance(err, torch.cuda.OutOfMemoryError) else "memory"
+    saved = None
+    if run is not None and run.step > 0:
+        try:
+            saved = save_interrupted(run)
+        except Exception:    # noqa: BLE001 - still out of memory: the checkpoints below are what is kept
+            saved = None
+    ckpts = sorted((run.run_dir / "checkpoints").glob("step-*")) if run else []
+    kept = f" The last checkpoint, {ckpts[-1].name}, is kept (--resume {run.run_dir})." if ckpts else ""
+    note = f" The adapter so far was saved to {saved}." if saved else ""
+    detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    error = TrainerError(f"Out of {kind} at step {step + 1} ({detail}). Settings that use less: batch_size 1 (with "
+                         "gradient_accumulation_steps for the same effective batch), gradient_checkpointing on, a "
+                         "lower resolution, mixed_precision bf16 and optimizer adamw8bit on a GPU; `python -m trainer "
+                         f"estimate` with the same flags predicts each one's peak.{kept}{note}", field="batch_size")
+    emit(Failed(message=str(error), step=step))
+    return error
 
 
 def _non_finite(run: Run, what: str) -> TrainerError:

@@ -5,6 +5,7 @@ without reloading anything (the preview slider and blending rely on this).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class Renderer:
 
     base: BaseModel
     sampler: str = "dpmpp"
+    fuse: bool = True          # merge the active adapters into the weights for each render (base-model speed)
     _names: dict[str, str] = field(default_factory=dict)    # resolved path -> adapter name
     _pipe: object | None = None
     _attached: int = 0                                       # adapters attached so far: names are never reused
@@ -93,8 +95,41 @@ class Renderer:
         prompts = prompt_kwargs(self.base, settings.prompt, settings.negative_prompt,
                                 clip_skip=settings.clip_skip, max_token_length=settings.max_token_length,
                                 zero_empty_negative=bool(pipe.config.get("force_zeros_for_empty_prompt")))
-        return pipe(**prompts, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                    height=size, width=size, generator=generator, output_type=settings.output_type).images[0]
+        with fused(self.base.components()) if self.fuse else contextlib.nullcontext():
+            return pipe(**prompts, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                        height=size, width=size, generator=generator, output_type=settings.output_type).images[0]
+
+
+@contextlib.contextmanager
+def fused(components: dict[str, torch.nn.Module]):
+    """The active adapters merged into their base weights at their current strengths for the duration (one
+    matmul per layer, then every denoising step runs at the base model's speed), and the base weights put back
+    exactly afterwards (copied, not un-merged, so repeated previews never drift)."""
+    from ..network.layers import tuner_layers
+
+    saved = []
+    try:
+        for model in components.values():
+            for layer in tuner_layers(model):
+                if layer.merged or not [a for a in layer.active_adapters if a in _names_of(layer)]:
+                    continue
+                base = layer.get_base_layer()
+                saved.append((layer, base, base.weight.detach().clone(),
+                              None if base.bias is None else base.bias.detach().clone()))
+                layer.merge(adapter_names=[a for a in layer.active_adapters if a in _names_of(layer)])
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, base, weight, bias in saved:
+                layer.merged_adapters.clear()
+                base.weight.copy_(weight)
+                if bias is not None:
+                    base.bias.copy_(bias)
+
+
+def _names_of(layer) -> set[str]:
+    from ..network.layers import adapters_of
+    return adapters_of(layer)
 
 
 def _file_arch(path: str | Path) -> str | None:
