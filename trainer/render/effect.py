@@ -116,7 +116,11 @@ def render_strengths(renderer, adapter: str | Path, prompts: Sequence[str], *, s
                      should_stop: Callable[[], bool] | None = None) -> list[list[list]]:
     """images[strength][prompt][seed] (PIL). A pipeline call renders every seed of as many prompts as
     BATCH_PIXELS allows at this size (all of them on the built-in model; one prompt's seeds for SDXL)."""
+    import contextlib
+
     import torch
+
+    from .generate import fused
 
     base, pipe = renderer.base, renderer.pipeline
     size = size or base.resolution
@@ -131,7 +135,8 @@ def render_strengths(renderer, adapter: str | Path, prompts: Sequence[str], *, s
             if should_stop is not None and should_stop():
                 raise TrainerError("The effect check was stopped before it finished.", field="effect_check")
             generators = [torch.Generator(device="cpu").manual_seed(int(s)) for _ in group for s in seeds]
-            with torch.no_grad():
+            merged = fused(base.components()) if getattr(renderer, "fuse", False) else contextlib.nullcontext()
+            with torch.no_grad(), merged:       # as the Preview renders: the adapter merged for the call
                 images += pipe(**prompt_args, num_images_per_prompt=len(seeds), generator=generators, height=size,
                                width=size, num_inference_steps=steps, guidance_scale=guidance).images
         out.append([list(images[p * len(seeds):(p + 1) * len(seeds)]) for p in range(len(prompts))])
