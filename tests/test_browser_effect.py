@@ -64,6 +64,7 @@ def test_train_tab_shows_the_verdict_and_grid_and_preview_checks_on_demand(app):
         card.wait_for()
         assert card.get_attribute("data-verdict") == verdict
         assert f"effect: {verdict} (" in card.inner_text()
+        page.locator("#train-effect-grid").scroll_into_view_if_needed()    # the image loads lazily
         page.locator("#train-effect-grid img").wait_for()
         assert f"effect: {verdict}" in service.run_state("eff")
         page.locator("#train-effect").scroll_into_view_if_needed()
@@ -76,6 +77,7 @@ def test_train_tab_shows_the_verdict_and_grid_and_preview_checks_on_demand(app):
         got = page.locator("#preview-effect .effect-card")
         got.wait_for(timeout=300_000)
         assert got.get_attribute("data-verdict") == verdict
+        page.locator("#preview-effect-grid").scroll_into_view_if_needed()
         page.locator("#preview-effect-grid img").wait_for()
         page.locator("#preview-effect").scroll_into_view_if_needed()
         shot(page, "effect-2-preview-tab")
