@@ -79,6 +79,7 @@ class JobSnapshot:
     result: str | None = None
     error: str | None = None                               # why it failed, or how it was interrupted
     seconds: float | None = None
+    effect: tuple[tuple[str, str], ...] = ()               # the effect check's verdict, line, advice, path, grid
 
     @property
     def active(self) -> bool:
@@ -138,7 +139,7 @@ class EventFold:
 
     def _on_started(self, e: Any, when: str) -> None:
         self.started, self.outcome = True, None
-        self.fields.update(total_steps=e.total_steps, result=None, error=None, seconds=None)
+        self.fields.update(total_steps=e.total_steps, result=None, error=None, seconds=None, effect=())
         self.logs.append(f"{when} training {e.total_steps} steps on {e.num_images} images, "
                          f"{e.trainable_params:,} trainable parameters")
 
@@ -151,6 +152,11 @@ class EventFold:
 
     def _on_saved(self, e: Any, when: str) -> None:
         self.logs.append(f"{when} saved {'adapter' if e.final else 'checkpoint'} at step {e.step}: {e.path}")
+
+    def _on_effect(self, e: Any, when: str) -> None:
+        self.logs.append(f"{when} effect check: {e.line}")
+        self.fields["effect"] = tuple((k, str(getattr(e, k) or "")) for k in ("verdict", "line", "advice", "path",
+                                                                              "grid"))
 
     def _on_finished(self, e: Any, when: str) -> None:
         how = "stopped early" if e.stopped_early else "finished"

@@ -104,6 +104,34 @@ class RenderMixin:
         """[(image, 'strength s')] for each strength."""
         return [(self.render(model, {adapter: float(s)}, **settings), f"strength {float(s):g}") for s in strengths]
 
+    def check_effect(self, model: str, adapter: str, data_dir: str = "") -> dict[str, Any]:
+        """The "did it learn?" check for any adapter (trainer.render.effect): renders at strengths 0-1.5 against
+        ``data_dir`` (default: its run's dataset) on ``model`` (default: its run's base model). Returns effect.json's
+        fields plus ``line``; the files go beside the adapter (its run's effect.json for a run's final adapter, else
+        ``<stem>-effect/``)."""
+        from trainer.render import effect
+
+        path = self._adapter(adapter)
+        cfg = effect.run_config(path)
+        data = (data_dir or "").strip() or cfg.get("data_dir") or ""
+        if not data:
+            raise TrainerError(f"No training images known for '{path.name}' (it was not trained here); give the "
+                               "folder of images it was trained on.", field="effect_data")
+        out = path.parent if path.stem == cfg.get("name") else path.parent / f"{path.stem}-effect"
+        text = self.adapter_text_encoding(str(path))
+        with self._render_lock:
+            cached = self._renderer((model or "").strip() or cfg.get("model") or self.default_model)
+            mtime = path.stat().st_mtime
+            if cached.mtimes.get(str(path), mtime) != mtime:
+                cached.renderer.detach(path)
+            cached.mtimes[str(path)] = mtime
+            result = effect.check_adapter(lambda: cached.renderer, path, data, out_dir=out, text_encoding=text,
+                                          trigger_word=str(cfg.get("trigger_word") or ""),
+                                          resolution=int(cfg.get("resolution") or 0),
+                                          clip_model=cfg.get("clip_model") or None,
+                                          caption_extension=cfg.get("caption_extension") or ".txt")
+        return {**result.to_dict(), "line": result.line()}
+
     def save_blend(self, pairs: list[tuple[str, float]], name: str, rank: int | float | None = 0) -> tuple[str, str]:
         """Blend the weighted adapters into outputs/_blends/<name>.safetensors: exactly (``rank`` 0 or None: ranks
         add up) or compacted to ``rank`` by truncated SVD. Returns (path, the fit summary: overall error and the

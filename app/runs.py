@@ -84,7 +84,15 @@ class RunsMixin:
         if state == "interrupted":   # status.json's step may trail the last step of events.jsonl by a second
             record = self._record(run)
             return f"interrupted at {record.step if record is not None else step}"
-        return f"{state} at {step}" if state in ("stopped", "failed") else str(state)
+        verdict = (self.run_effect(run) or {}).get("verdict")
+        text = f"{state} at {step}" if state in ("stopped", "failed") else str(state)
+        return f"{text} · effect: {verdict}" if verdict and state in ("finished", "stopped") else text
+
+    def run_effect(self, run: str) -> dict[str, Any] | None:
+        """The run's effect check (<run>/effect.json: verdict, scores, advice...), None when it has none."""
+        from trainer.render.effect import read_result
+
+        return read_result(self.run_dir(run))
 
     # -- dataset ----------------------------------------------------------------------------
     def dataset_dir(self, run: str) -> Path:

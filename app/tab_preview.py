@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from app.common import guard, notice
+from app.effect_view import preview_section
 from app.service import Service
 
 DEFAULT_SWEEP = "0, 0.25, 0.5, 0.75, 1"
@@ -66,6 +67,7 @@ def build(service: Service) -> PreviewTab:
         sweep_btn = gr.Button("Render sweep", scale=1, elem_id="sweep-btn")
     grid = gr.Gallery(label="Strength sweep", columns=5, elem_id="sweep-grid", format="png", object_fit="contain",
                       elem_classes=["upscale"])
+    preview_section(service, adapter, model)
 
     inputs = [s["prompt"], s["negative_prompt"], s["seed"], s["steps"], s["guidance"], s["size"]]
 

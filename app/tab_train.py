@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 
 from app.common import guard, label, notice
+from app.effect_view import train_panel
 from app.page_state import refusal_html
 from app.service import FieldSpec, JobSnapshot, Service, TrainerError
 from app.estimate_view import Preflight
@@ -147,6 +148,7 @@ def build(service: Service, run: gr.Dropdown, trigger: gr.Textbox) -> TrainTab:
     advanced, advanced_fields = _advanced_settings(form)
     preset_name, preset_desc, save_preset = _save_preset_row()
     panel = _run_panel(service.gpu_count())
+    train_panel(service, run)          # the effect check's verdict and grid, once the run has one
     form.finish()
     _wire_settings(service, form, run, preset, source, scale)
     _wire_training(service, form, run, advanced, advanced_fields, panel)

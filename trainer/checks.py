@@ -4,6 +4,7 @@ each message naming the value and the fix (``TrainConfig.validate`` calls it).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from .config import CONV_TARGETS, TrainConfig
 
@@ -26,6 +27,9 @@ def config_errors(cfg: TrainConfig) -> dict[str, str]:
     if cfg.resolution != 0 and (cfg.resolution < 64 or cfg.resolution % 8):
         e["resolution"] = (f"{cfg.resolution} must be a multiple of 8 and at least 64 (or 0 for the "
                            f"model's native size); try {max(64, (cfg.resolution + 7) // 8 * 8)}.")
+    if cfg.clip_model.strip() and not (Path(cfg.clip_model).expanduser() / "config.json").is_file():
+        e["clip_model"] = (f"'{cfg.clip_model}' is not a local model folder (no config.json); give a folder of a "
+                           "CLIP model saved with transformers, or leave it empty.")
     e.update(_bucket_errors(cfg))
     e.update(_validation_errors(cfg))
     if not 0 <= cfg.ema_decay < 1:

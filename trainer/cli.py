@@ -1,5 +1,5 @@
-"""Command line: `python -m trainer train|generate|report|presets`, and the adapter file tools
-`inspect|blend|resize|bake|convert` (``cli_files``).
+"""Command line: `python -m trainer train|generate|report|presets`, the adapter file tools
+`inspect|blend|resize|bake|convert` (``cli_files``) and the effect check `effect` (``cli_effect``).
 
 Builds a TrainConfig (defaults -> preset -> flags), runs the same core the web UI uses, and
 prints errors as one readable line (no traceback). `train` prints the adapter path last.
@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .cli_effect import add_effect_command, cmd_effect
 from .cli_estimate import add_estimate_command, cmd_estimate
 from .cli_files import FILE_COMMANDS, add_file_commands
 from .cli_caption import CAPTION_COMMANDS, add_caption_command
@@ -26,12 +27,14 @@ TRAIN_FLAGS = {
     "projector_rank": "projector_rank", "projector_alpha": "projector_alpha", "projector_lr": "projector_lr",
     "cache_dir": "cache_dir", "conv_rank": "conv_rank", "conv_alpha": "conv_alpha", "network": "network",
     "checkpoint_every": "checkpoint_every_n_steps", "keep_checkpoints": "keep_checkpoints", "threads": "cpu_threads",
+    "clip_model": "clip_model",
 }
 # switch flag -> (TrainConfig field, value it sets); an absent switch leaves the preset/config value
 TRAIN_SWITCHES = {"train_text_encoder": ("train_text_encoder", True), "train_projectors": ("train_projector", True),
                   "no_unet": ("train_unet", False), "portable": ("export_portable", True),
                   "no_buckets": ("enable_buckets", False), "no_cache": ("cache_latents", False),
-                  "compile": ("torch_compile", True), "gradient_checkpointing": ("gradient_checkpointing", True)}
+                  "compile": ("torch_compile", True), "gradient_checkpointing": ("gradient_checkpointing", True),
+                  "no_effect_check": ("effect_check", False)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the presets")
     add_file_commands(sub)
     add_caption_command(sub)
+    add_effect_command(sub)
     return parser
 
 
@@ -126,6 +130,10 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
                    help="encode every image through the VAE at every step (no latent cache)")
     t.add_argument("--portable", action="store_true", default=None,
                    help="also write NAME-portable.safetensors without projector modules")
+    t.add_argument("--no-effect-check", action="store_true", default=None,
+                   help="skip the effect check after training (renders at strengths 0-1.5; effect.json/png)")
+    t.add_argument("--clip-model", metavar="PATH", help="local CLIP model folder: the effect check scores with "
+                   "CLIP image similarity instead of colours and edges")
     t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other TrainConfig field, e.g. --set noise_offset=0.05 (repeatable)")
     t.add_argument("--compile", action="store_true", default=None,
@@ -188,7 +196,7 @@ def _target_set(text: str, sets: dict[str, tuple[str, ...]], field: str) -> list
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .console import ConsoleProgress
-    from .events import Control, Finished
+    from .events import Control, Effect, Finished
     from .loop import distributed
     from .loop.records import FileControl
     from .loop.train import train
@@ -207,16 +215,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         control.stop()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    finished: list[Finished] = []
+    finished: list[Finished | Effect] = []
     try:
         with ConsoleProgress(quiet=args.quiet or not main, silent=not main) as progress:
-            path = train(config, listeners=[progress, lambda e: finished.append(e) if isinstance(e, Finished)
+            path = train(config, listeners=[progress, lambda e: finished.append(e) if isinstance(e, (Finished, Effect))
                                             else None], control=control, resume=args.resume)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if not main:
         return 128 + caught[0] if caught else 0
+    for event in finished:
+        if isinstance(event, Effect):
+            print(f"effect: {event.line}", flush=True)
+    finished = [e for e in finished if isinstance(e, Finished)]
     if caught and finished and finished[-1].stopped_early:
         print(f"interrupted at step {finished[-1].steps}; continue with: python -m trainer train --resume "
               f"{config.output_dir}", file=sys.stderr)
@@ -276,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     command = {"train": cmd_train, "estimate": cmd_estimate, "generate": cmd_generate, "report": cmd_report,
-               "presets": cmd_presets, **FILE_COMMANDS, **CAPTION_COMMANDS}
+               "presets": cmd_presets, "effect": cmd_effect, **FILE_COMMANDS, **CAPTION_COMMANDS}
     try:
         return command[args.command](args)
     except TrainerError as err:

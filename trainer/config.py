@@ -118,6 +118,10 @@ class TrainConfig:
                                   choices=SAVE_PRECISIONS)
     export_diffusers: bool = _output(False, "also write a diffusers/PEFT-format copy")
     export_portable: bool = _output(False, "also write <name>-portable.safetensors without projector modules")
+    effect_check: bool = _output(True, "after the run, render the trigger prompts at strengths 0-1.5 and say whether "
+                                       "the adapter learned anything (effect.json, effect.png; docs/EFFECT.md)")
+    clip_model: str = _output("", "a local CLIP model folder: the effect check scores with CLIP image similarity "
+                                  "instead of colours and edges")
 
     # --- network ----------------------------------------------------------------------
     rank: int = _network(16, "LoRA rank r (16-32 typical for characters and styles)")

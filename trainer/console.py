@@ -5,7 +5,7 @@ import sys
 
 from tqdm import tqdm
 
-from .events import Event, Failed, Finished, Log, Progress, Sample, Saved, Started, Validation
+from .events import Effect, Event, Failed, Finished, Log, Progress, Sample, Saved, Started, Validation
 
 
 class ConsoleProgress:
@@ -45,6 +45,8 @@ class ConsoleProgress:
             self._say(f"saved {'adapter' if event.final else 'checkpoint'} at step {event.step}: {event.path}")
         elif isinstance(event, Sample):
             self._say(f"samples at step {event.step}: {', '.join(event.paths)}")
+        elif isinstance(event, Effect):
+            self._say(f"effect check: {event.line}; {event.advice}" + (f" Grid: {event.grid}" if event.grid else ""))
         elif isinstance(event, Finished):
             how = "stopped" if event.stopped_early else "finished"
             self._say(f"{how} after {event.steps} steps in {event.seconds:.0f}s, final loss {event.final_loss:.4f}")

@@ -66,12 +66,21 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class Effect:
+    verdict: str              # strong / weak / none / overbaked / unknown (render.effect)
+    line: str                 # "strong (0.71 at 1.0 vs 0.02 at 0)"
+    advice: str
+    path: str                 # effect.json
+    grid: str | None          # effect.png, None when the check failed
+
+
+@dataclass(frozen=True)
 class Failed:
     message: str              # a user-facing message (TrainerError text, or a summary)
     step: int
 
 
-Event = Union[Started, Progress, Validation, Sample, Saved, Log, Finished, Failed]
+Event = Union[Started, Progress, Validation, Sample, Saved, Log, Effect, Finished, Failed]
 Listener = Callable[[Event], None]
 
 

@@ -1,5 +1,5 @@
 """What a run carries between steps (``Run``) and what it writes: adapters at save points and at the end,
-the best-effort save after a failure, and sample images.
+the best-effort save after a failure, sample images and the effect check of the final adapter.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from ..config import TrainConfig
 from ..data.pipeline import DataPipe
 from ..data.scan import DatasetReport
-from ..events import Event, Log, Sample, Saved
+from ..events import Effect, Event, Log, Sample, Saved
 from ..files.export import (GROUPS_KEY, build_metadata, groups_json, lora_state_dict, portable_copy,
                             projector_metadata, save_adapter, save_diffusers_format)
 from ..models.loader import BaseModel, make_pipeline
@@ -119,3 +119,38 @@ def render_samples(run: Run) -> None:
         for name, m in components.items():
             m.train(modes[name])
     run.emit(Sample(step=run.step, paths=tuple(paths), prompts=tuple(cfg.sample_prompts)))
+
+
+def check_effect(run: Run, path: Path, should_stop: Callable[[], bool]) -> None:
+    """The final adapter's effect check (render/effect.py) on this run's base model, with the training's own
+    layers switched off and the saved file attached, as a user loads it; afterwards the file is detached and the
+    trained layers are on again (a caller's ``base`` is left as training left it). Never raises: a failure is
+    logged and the verdict is unknown."""
+    from ..files.adapters import attached, set_weights
+    from ..render import effect
+    from ..render.generate import Renderer
+
+    cfg, components = run.config, run.base.components()
+    made: list[Renderer] = []
+
+    def renderer() -> Renderer:
+        if "default" in attached(components):
+            set_weights(components, {"default": 0.0})
+        made.append(Renderer(run.base))
+        return made[0]
+
+    prompts = effect.effect_prompts([item.caption for item in run.report.items], cfg.trigger_word)
+    run.emit(Log(f"effect check: {len(prompts)} prompt(s) x strengths {', '.join(f'{w:g}' for w in effect.STRENGTHS)}"
+                 f" x {len(effect.SEEDS)} seeds"))
+    try:
+        result = effect.run(renderer, path, [item.path for item in run.report.items], prompts, run.run_dir,
+                            log=lambda message: run.emit(Log(message)), clip_model=cfg.clip_model or None,
+                            size=cfg.resolution or None, steps=effect.CHECK_STEPS, guidance=cfg.sample_guidance,
+                            text_encoding=cfg.text_encoding, should_stop=should_stop)
+    finally:
+        if made:
+            made[0].detach(path)
+        if "default" in attached(components):
+            set_weights(components, {"default": 1.0})
+    run.emit(Effect(verdict=result.verdict, line=result.line(), advice=result.advice,
+                    path=str(run.run_dir / effect.EFFECT_JSON), grid=result.grid))

@@ -23,7 +23,7 @@ from ..models.loader import BaseModel, load_base_model
 from .loss import diffusion_loss
 from . import distributed, schedules
 from .pace import StepPace
-from .outputs import Run, render_samples, save, save_interrupted
+from .outputs import Run, check_effect, render_samples, save, save_interrupted
 from .records import RunRecord, TensorBoardLog
 from .state import Checkpoint, find_checkpoint, load_checkpoint, resume_changes, save_checkpoint
 from .optimizers import make_optimizer, set_training_mode
@@ -148,6 +148,12 @@ def _loop(run: Run, control: Control) -> Path:
                      f"--resume {run.run_dir}"))
     set_training_mode(parts.optimizer, False)     # schedule-free: export the averaged weights
     path = save(run, final=True) if distributed.is_main() else run.run_dir / f"{run.config.name}.safetensors"
+    if distributed.is_main() and run.config.effect_check:
+        if stopped:
+            run.emit(Log("effect check skipped: the run was stopped early (run it from the Preview tab or with "
+                         f"python -m trainer effect --lora {path})"))
+        else:
+            check_effect(run, path, lambda: control.stop_requested)
     run.emit(Finished(path=str(path), steps=run.step, stopped_early=stopped,
                       final_loss=losses[-1] if losses else math.nan,
                       seconds=time.perf_counter() - t_start))
