@@ -1,10 +1,9 @@
 """Step 2, Train: a form generated from TrainConfig (presets fill every field), Start (or queue) / Stop /
 Resume, the queue, and live progress (bar, loss chart, samples, log) polled from the service, so a reload or a
-restarted UI reattaches (drawing: app/train_view.py).
+restarted UI reattaches (the run panel: app/train_panel.py; drawing: app/train_view.py).
 """
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,9 +12,9 @@ import gradio as gr
 from app.common import guard, label, notice
 from app.effect_view import train_panel
 from app.page_state import refusal_html
-from app.service import FieldSpec, JobSnapshot, Service, TrainerError
+from app.service import FieldSpec, Service, TrainerError
 from app.estimate_view import Preflight
-from app.train_view import CHART_HELP, FOLLOW_LOG_JS, SERIES_COLOURS, chart_update, progress_html, queue_html
+from app.train_panel import Panel, run_panel, wire_progress
 
 # Fields shown up front, in this order; every other field goes to the Advanced accordion by section.
 ESSENTIALS = ("rank", "alpha", "learning_rate", "text_encoder_lr", "max_train_steps", "epochs", "batch_size",
@@ -74,32 +73,6 @@ class _Form:
         return [{**self.styled(n), "value": values[n]} if n in values else gr.skip() for n in self.names]
 
 
-@dataclass
-class _Panel:
-    """The run controls and what they report: buttons, the notice line, progress, the queue (and its Remove),
-    chart, samples, log; ``seen`` is the page's last drawn view and queue."""
-
-    gpus: gr.Number
-    start: gr.Button
-    stop: gr.Button
-    resume: gr.Button
-    sample_now: gr.Button
-    save_now: gr.Button
-    notice: gr.HTML
-    progress: gr.HTML
-    queue: gr.HTML
-    queue_row: gr.Row
-    queue_pick: gr.Dropdown
-    queue_remove: gr.Button
-    chart: gr.LinePlot
-    samples: gr.Gallery
-    log: gr.Textbox
-    timer: gr.Timer
-    seen: gr.State
-    estimate: gr.HTML                 # the preflight line under Start (app/estimate_view.py)
-    estimate_btn: gr.Button
-
-
 def _component(spec: FieldSpec, value: Any, **extra: Any) -> gr.components.Component:
     """The input for one TrainConfig field, chosen by its type (``value`` is a form value)."""
     kw = dict(label=label(spec.name), info=spec.help or None, elem_id=f"field-{spec.name}")
@@ -147,13 +120,13 @@ def build(service: Service, run: gr.Dropdown, trigger: gr.Textbox) -> TrainTab:
         form.make("sample_prompts")
     advanced, advanced_fields = _advanced_settings(form)
     preset_name, preset_desc, save_preset = _save_preset_row()
-    panel = _run_panel(service.gpu_count())
+    panel = run_panel(service.gpu_count())
     train_panel(service, run)          # the effect check's verdict and grid, once the run has one
     form.finish()
     _wire_settings(service, form, run, preset, source, scale)
     _wire_training(service, form, run, advanced, advanced_fields, panel)
     _wire_save_preset(service, form, preset, preset_name, preset_desc, save_preset, panel.notice)
-    _wire_progress(service, run, panel)
+    wire_progress(service, run, panel)
     return TrainTab(fields=form.fields, names=form.names, progress=panel.progress, timer=panel.timer, preset=preset)
 
 
@@ -232,43 +205,6 @@ def _save_preset_row() -> tuple[gr.Textbox, gr.Textbox, gr.Button]:
     return preset_name, preset_desc, save_preset
 
 
-def _run_panel(gpu_count: int) -> _Panel:
-    """``gpu_count`` > 1 shows the GPUs number (a run on N > 1 is launched with accelerate)."""
-    with gr.Row():
-        gpus = gr.Number(1, precision=0, minimum=1, maximum=max(gpu_count, 1), label=f"GPUs (of {gpu_count})",
-                         visible=gpu_count > 1, scale=1, min_width=90, elem_id="train-gpus")
-        start = gr.Button("Start training", variant="primary", elem_id="start-btn", scale=3)
-        stop = gr.Button("Stop", variant="stop", elem_id="stop-btn", interactive=False, scale=1)
-        resume = gr.Button("Resume", variant="secondary", elem_id="resume-btn", visible=False, scale=1)
-        sample_now = gr.Button("Sample now", size="sm", scale=1)
-        save_now = gr.Button("Save now", size="sm", scale=1)
-    with gr.Row(equal_height=True):
-        estimate = gr.HTML(elem_id="train-estimate")
-        estimate_btn = gr.Button("Estimate memory and time", size="sm", scale=0, min_width=200, elem_id="estimate-btn")
-    form_notice = gr.HTML(elem_id="train-notice")
-    progress = gr.HTML(progress_html(JobSnapshot()), elem_id="train-progress")
-    queue = gr.HTML(elem_id="train-queue")
-    with gr.Row(visible=False, equal_height=True, elem_id="queue-row") as queue_row:
-        queue_pick = gr.Dropdown([], label="Queued run", elem_id="queue-pick", scale=3)
-        queue_remove = gr.Button("Remove from queue", size="sm", elem_id="queue-remove-btn", scale=1)
-    with gr.Row(equal_height=True):
-        with gr.Column(scale=3):
-            chart = gr.LinePlot(None, x="step", y="loss", color="series", color_title="", label="Loss",
-                                color_map=SERIES_COLOURS, elem_id="loss-plot", x_title="step", y_title="loss",
-                                x_axis_format="d")
-            # below the chart, not its caption: Gradio draws a LinePlot caption under the next block
-            gr.HTML(f'<div style="font-size:0.85em;color:var(--body-text-color-subdued)">'
-                    f"{html.escape(CHART_HELP)}</div>", elem_id="loss-help")
-        samples = gr.Gallery(label="Samples during training", columns=3, height=280, elem_id="train-samples",
-                             scale=2)
-    log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
-    timer = gr.Timer(1.0)
-    seen = gr.State({})
-    return _Panel(gpus, start, stop, resume, sample_now, save_now, form_notice, progress, queue, queue_row, queue_pick,
-                  queue_remove, chart, samples, log, timer, seen, estimate, estimate_btn)
-
-
-# -- wiring ----------------------------------------------------------------------------------
 def _wire_settings(service: Service, form: _Form, run: gr.Dropdown, preset: gr.Dropdown, source: gr.Radio,
                    scale: gr.HTML) -> None:
     """A preset or the run's saved settings fill the form; the model source and the scale readout follow it."""
@@ -301,7 +237,7 @@ def _wire_settings(service: Service, form: _Form, run: gr.Dropdown, preset: gr.D
 
 
 def _wire_training(service: Service, form: _Form, run: gr.Dropdown, advanced: gr.Accordion,
-                   advanced_fields: set[str], panel: _Panel) -> None:
+                   advanced_fields: set[str], panel: Panel) -> None:
     """Start or queue (the form is checked first: errors show on their fields, and open Advanced when one is
     there), Stop, Resume, sample/save requests to the running job, and Remove from the queue."""
 
@@ -380,35 +316,3 @@ def _wire_save_preset(service: Service, form: _Form, preset: gr.Dropdown, preset
                                                                                     value=pname.strip())
 
     save_preset.click(on_save_preset, [preset_name, preset_desc, *form.inputs], [form_notice, preset])
-
-
-def _wire_progress(service: Service, run: gr.Dropdown, panel: _Panel) -> None:
-    """Every second (and when the picked run changes), show what ``Service.job_view`` gives for the picked run
-    and the queue; each part is redrawn only when it changed."""
-    outputs = [panel.seen, panel.progress, panel.chart, panel.samples, panel.log, panel.stop, panel.resume,
-               panel.start, panel.queue, panel.queue_row, panel.queue_pick]
-
-    def on_tick(seen: dict, run_name: str):
-        s, o = service.job_view(run_name)
-        view, names = f"{s.run}|{s.version}", [q.run for q in o.queue]
-        now = {"view": view, "overview": o.version, "queue": names}
-        out: list[Any] = [now]
-        if view != seen.get("view"):
-            current = o.current.active and o.current.run == s.run
-            out += [progress_html(s), chart_update(s), list(s.samples), "\n".join(s.logs),
-                    gr.update(interactive=s.active), gr.update(visible=s.resumable and not current)]
-        else:
-            out += [gr.skip()] * 6
-        if o.version != seen.get("overview"):
-            out += [gr.update(value="Add to queue" if o.current.active else "Start training"), queue_html(o)]
-        else:
-            out += [gr.skip()] * 2
-        if names != seen.get("queue"):
-            out += [gr.update(visible=bool(names)), gr.update(choices=names, value=names[0] if names else None)]
-        else:
-            out += [gr.skip()] * 2
-        return out
-
-    panel.timer.tick(on_tick, [panel.seen, run], outputs, show_progress="hidden", queue=False)
-    run.change(on_tick, [panel.seen, run], outputs, show_progress="hidden", queue=False)
-    panel.log.change(None, None, None, js=FOLLOW_LOG_JS)
