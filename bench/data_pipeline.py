@@ -62,7 +62,8 @@ def measure(make_base, data: Path, out: Path, resolution: int, steps: int, cache
     events: list = []
     config = TrainConfig(data_dir=str(data), output_dir=str(out), resolution=resolution, rank=16, alpha=8.0,
                          max_train_steps=steps, batch_size=1, lr_scheduler="constant", seed=1,
-                         cache_latents=cached, cache_text_encoder_outputs=cached, cache_to_disk=False)
+                         cache_latents=cached, cache_text_encoder_outputs=cached, cache_to_disk=False,
+                         effect_check=False)
     stamps: list[float] = []
 
     def listen(e):

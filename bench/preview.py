@@ -40,7 +40,8 @@ def adapters(model: str, data: Path, out: Path, res: int) -> list[str]:
     """Two small adapters (rank 16 on the cross-attention, a few steps each) to preview."""
     return [str(train(TrainConfig(model=model, data_dir=str(data), output_dir=str(out / f"a{seed}"), resolution=res,
                                   max_train_steps=2, learning_rate=1e-3, seed=seed, rank=16, alpha=16,
-                                  enable_buckets=False, checkpoint_every_n_steps=0))) for seed in (1, 2)]
+                                  enable_buckets=False, checkpoint_every_n_steps=0,
+                                  effect_check=False))) for seed in (1, 2)]
 
 
 def measure(label: str, model: str, res: int, a: argparse.Namespace, tmp: Path) -> dict:

@@ -256,7 +256,7 @@ def compare(a: argparse.Namespace) -> None:
                          "--model", model, "--resolution", str(res), "--steps", str(a.steps), "--rank", str(a.rank),
                          "--alpha", str(a.rank), "--batch-size", str(a.batch), "--unet-targets", "attn",
                          "--no-buckets", "--lr", "1e-4", "--threads", str(a.threads), "--quiet",
-                         "--mixed-precision", a.precision,
+                         "--mixed-precision", a.precision, "--no-effect-check",
                          "--set", "min_snr_gamma=0", "--set", "lr_scheduler=constant"])
             ours["median_step_s"] = statistics.median(_our_steps(out / "ours")[1:])
             bare = _run([*me, "floor", *common, "--out", str(out / "floor")])

@@ -108,7 +108,7 @@ def test_preview_check_repeats_the_training_verdict(quick_run, tmp_path):
 
     path, _ = quick_run
     trained = json.loads((path.parent / "effect.json").read_text())
-    service = Service(tmp_path / "outputs")
+    service = Service(path.parent.parent)               # adapters are opened only under the outputs folder
     got = service.check_effect("", str(path))           # model and dataset from the run's config.json
     assert got["verdict"] == trained["verdict"] and got["line"].startswith(trained["verdict"])
     assert got["scores"] == pytest.approx(trained["scores"], abs=0.01)

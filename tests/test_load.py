@@ -53,7 +53,8 @@ def training_ui(tmp_path):
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     data = make_dataset(tmp_path / "src", n=4, size=64)
     done = subprocess.run([sys.executable, "-m", "trainer", "train", "--data", str(data), "--out",
-                           str(outputs / "warm"), "--preset", "quick", "--steps", "2", "--batch-size", "1", "--quiet"],
+                           str(outputs / "warm"), "--preset", "quick", "--steps", "2", "--batch-size", "1", "--quiet",
+                           "--no-effect-check"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     adapter = done.stdout.strip().splitlines()[-1]

@@ -30,7 +30,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def cli(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "trainer", "train", *args], cwd=ROOT, env=ENV,
+    return subprocess.Popen([sys.executable, "-m", "trainer", "train", *args, "--no-effect-check"], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 

@@ -186,7 +186,7 @@ def estimate(config: TrainConfig, *, device: str | None = None, baseline: int | 
     fill_s = images * trace.encode_flops_per_image / rate if config.cache_latents else 0.0
     assumptions.append(f"throughput {rate / 1e9:.0f} GFLOP/s and {op_overhead(device) * 1e6:.0f} us per tensor "
                        f"operation measured here; {trace.step_flops / 1e9:.1f} GFLOP and {trace.step_ops} operations "
-                       "per step; model loading and samples not included")
+                       "per step; model loading, samples and the effect check not included")
     return Estimate(device=device, memory_kind="CUDA memory" if device == "cuda" else "resident memory",
                     peak_bytes=int(peak), step_seconds=step_s, total_seconds=steps * step_s + fill_s, steps=steps,
                     resolution=resolution,
