@@ -203,7 +203,8 @@ def test_auto_caption_fills_the_editor_and_export_is_one_download_button(app, pa
     page.click("#caption-accordion .label-wrap")
     fill(page, "caption-model", str(model))
     page.click("#caption-missing-btn")
-    page.wait_for_selector("#dataset-status >> text=Captioned 1 image(s); kept 4 existing caption(s).")
+    page.wait_for_selector("#dataset-status >> text=Captioned 1 image(s); kept 4 existing caption(s).",
+                           timeout=240_000)   # loading a captioning model is slow on a busy machine
     page.wait_for_function("document.querySelector('.caption-box textarea')?.value?.startsWith('zkw, ')")
     written = sorted(app.service.dataset_dir("walk").glob("*.txt"))[0].read_text(encoding="utf-8")
     assert written.startswith("zkw, ") and page.locator(".caption-box textarea").first.input_value() == written
