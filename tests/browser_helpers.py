@@ -15,6 +15,32 @@ ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "screenshots"
 
 
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+
+
+def launch_chromium(playwright):
+    """Debian's Chromium, headless, with the flags these tests run it with."""
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+
+
+def serve(service):
+    """The UI of ``service`` on a free loopback port in this process: (its URL, the Blocks to ``close()``)."""
+    from app.ui import build_app, launch_options
+
+    demo = build_app(service)
+    demo.queue(default_concurrency_limit=4)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **launch_options(service))
+    return f"http://127.0.0.1:{port}/", demo
+
+
+def train_in_thread(config, listeners, control):
+    """A Service ``train_fn`` that trains in the UI's own process (no child process)."""
+    from trainer.loop.train import train
+    return train(config, listeners=listeners, control=control)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

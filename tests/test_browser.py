@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.browser_helpers import (CHROMIUM, ROOT, SHOTS, _free_port, choose, fill, image_pixels, progress_state,
-                                   set_run, shot, tab, wait_loaded, wait_state)
+from tests.browser_helpers import (CHROMIUM, ROOT, SHOTS, choose, fill, image_pixels, launch_chromium, progress_state,
+                                   serve, set_run, shot, tab, wait_loaded, wait_state)
 
 EXAMPLE = ROOT / "examples" / "zkw"
 
@@ -60,7 +60,6 @@ def _paced_train(config, listeners, control):
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     from app.service import Sandbox, Service
-    from app.ui import build_app, launch_options
     from trainer.config import PRESETS_DIR
 
     tmp = tmp_path_factory.mktemp("browser")
@@ -71,14 +70,10 @@ def app(tmp_path_factory):
                       sandbox=Sandbox.build(tmp / "outputs", data_roots=[tmp, EXAMPLE]))
     # The trainer's first import takes a while on a busy machine: do it while the browser starts.
     threading.Thread(target=service.warm_up, daemon=True).start()
-    demo = build_app(service)
-    demo.queue(default_concurrency_limit=4)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_options(service))
+    url, demo = serve(service)
     data = _dataset(tmp)
     n_images = sum(p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") for p in data.iterdir())
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", service=service, data=data, n_images=n_images, tmp=tmp)
+    yield SimpleNamespace(url=url, service=service, data=data, n_images=n_images, tmp=tmp)
     service.jobs.stop()
     service.jobs.wait(120)
     demo.close()
@@ -88,8 +83,7 @@ def app(tmp_path_factory):
 def browser():
     SHOTS.mkdir(exist_ok=True)
     with playwright_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        b = launch_chromium(p)
         yield b
         b.close()
 

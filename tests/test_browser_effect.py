@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser_helpers import CHROMIUM, SHOTS, choose, shot, tab, wait_loaded
+from tests.browser_helpers import (CHROMIUM, SHOTS, choose, launch_chromium, serve, shot, tab, train_in_thread,
+                                   wait_loaded)
 
 pytestmark = [
     pytest.mark.browser,
@@ -19,32 +20,21 @@ playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright (
 ZKW = Path(__file__).resolve().parent.parent / "examples" / "zkw"
 
 
-def _train(config, listeners, control):
-    from trainer.loop.train import train
-    return train(config, listeners=listeners, control=control)
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     from app.service import Service
-    from app.ui import build_app, launch_options
-    from tests.browser_helpers import _free_port
     from trainer.config import PRESETS_DIR
 
     tmp = tmp_path_factory.mktemp("browser-effect")
     shutil.copytree(PRESETS_DIR, tmp / "presets")
-    service = Service(tmp / "outputs", presets_dir=tmp / "presets", train_fn=_train)
+    service = Service(tmp / "outputs", presets_dir=tmp / "presets", train_fn=train_in_thread)
     service.add_files("eff", sorted(ZKW.iterdir()))
     service.start_training("eff", {**service.preset_form("quick"), "max_train_steps": 4, "trigger_word": "zkw"})
     snap = service.jobs.wait(600)
     assert snap.state == "finished", snap.error
     assert dict(snap.effect)["verdict"] in ("strong", "weak", "none", "overbaked")
-    demo = build_app(service)
-    demo.queue(default_concurrency_limit=4)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_options(service))
-    yield f"http://127.0.0.1:{port}/", service
+    url, demo = serve(service)
+    yield url, service
     demo.close()
 
 
@@ -53,8 +43,7 @@ def test_train_tab_shows_the_verdict_and_grid_and_preview_checks_on_demand(app):
     verdict = service.run_effect("eff")["verdict"]
     SHOTS.mkdir(exist_ok=True)
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(60_000)
         page.goto(url)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.service_helpers import make_dataset
-from tests.browser_helpers import CHROMIUM, SHOTS, choose, fill, shot, tab, wait_loaded
+from tests.browser_helpers import (CHROMIUM, SHOTS, choose, fill, launch_chromium, serve, shot, tab, train_in_thread,
+                                   wait_loaded)
 
 pytestmark = [
     pytest.mark.browser,
@@ -19,31 +20,20 @@ pytestmark = [
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
 
 
-def _train(config, listeners, control):
-    from trainer.loop.train import train
-    return train(config, listeners=listeners, control=control)
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     from app.service import Service
-    from app.ui import build_app, launch_options
-    from tests.browser_helpers import _free_port
     from trainer.config import PRESETS_DIR
 
     tmp = tmp_path_factory.mktemp("browser-files")
     shutil.copytree(PRESETS_DIR, tmp / "presets")
-    service = Service(tmp / "outputs", presets_dir=tmp / "presets", train_fn=_train)
+    service = Service(tmp / "outputs", presets_dir=tmp / "presets", train_fn=train_in_thread)
     service.add_files("real", sorted(make_dataset(tmp / "src", n=4, size=64).iterdir()))
     service.start_training("real", {**service.preset_form("quick"), "max_train_steps": 2, "batch_size": 1})
     snap = service.jobs.wait(300)
     assert snap.state == "finished", snap.error
-    demo = build_app(service)
-    demo.queue(default_concurrency_limit=4)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_options(service))
-    yield f"http://127.0.0.1:{port}/", service
+    url, demo = serve(service)
+    yield url, service
     demo.close()
 
 
@@ -51,8 +41,7 @@ def test_compact_blend_then_inspect_convert_and_bake(app):
     url, service = app
     SHOTS.mkdir(exist_ok=True)
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(60_000)
         page.goto(url)

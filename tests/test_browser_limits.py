@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from tests.browser_helpers import CHROMIUM, SHOTS, _free_port, shot, wait_loaded
+from tests.browser_helpers import CHROMIUM, SHOTS, launch_chromium, serve, shot, wait_loaded
 
 pytestmark = [
     pytest.mark.browser,
@@ -18,7 +18,6 @@ playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright (
 
 def test_upload_limits_show_a_toast_and_keep_the_dataset(tmp_path):
     from app.service import Limits, Service
-    from app.ui import build_app, launch_options
 
     service = Service(tmp_path / "outputs", limits=Limits(max_upload_mb=0.05, max_images=3))
     src = tmp_path / "src"
@@ -29,19 +28,14 @@ def test_upload_limits_show_a_toast_and_keep_the_dataset(tmp_path):
     Image.effect_noise((256, 256), 80).convert("RGB").save(buf, "PNG")      # ~190 kB: over 0.05 MB
     (src / "big.png").write_bytes(buf.getvalue())
     service.add_files("limits", [src / "small_0.png"])
-    demo = build_app(service)
-    demo.queue(default_concurrency_limit=4)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_options(service))
+    url, demo = serve(service)
     SHOTS.mkdir(exist_ok=True)
     try:
         with playwright_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+            browser = launch_chromium(p)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.set_default_timeout(60_000)
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(url)
             wait_loaded(page)
             assert page.input_value("#run-name input") == "limits"
 

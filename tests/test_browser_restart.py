@@ -19,8 +19,8 @@ import pytest
 from app.train_view import CHART_POINTS
 from tests.service_helpers import make_dataset
 from trainer.config import TrainConfig
-from tests.browser_helpers import CHROMIUM, SHOTS, _free_port, choose, fill, progress_state, set_run, shot, tab, \
-    wait_loaded, wait_state
+from tests.browser_helpers import CHROMIUM, SHOTS, _free_port, choose, fill, launch_chromium, progress_state, set_run, \
+    shot, tab, wait_loaded, wait_state
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 500          # ~25 s of the built-in model at batch 1: the run outlives the restart
@@ -96,8 +96,7 @@ def test_a_killed_ui_restarts_and_reattaches_to_its_run(setup):
     ui, url = start_ui(outputs, log)
     procs.append(ui)
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(180_000)   # a loaded 2-core CI machine is slow; the waits are events, not timings
         page.goto(url)

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from tests.browser_helpers import CHROMIUM, SHOTS, _free_port, choose, fill, set_run, shot, tab, wait_loaded
+from tests.browser_helpers import CHROMIUM, SHOTS, choose, fill, launch_chromium, serve, set_run, shot, tab, wait_loaded
 from tests.service_helpers import make_dataset
 
 pytestmark = [
@@ -48,22 +48,17 @@ def _truncated_png(path):
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     from app.service import Service
-    from app.ui import build_app, launch_options
     from trainer.config import PRESETS_DIR
 
     tmp = tmp_path_factory.mktemp("walk")
     shutil.copytree(PRESETS_DIR, tmp / "presets")
     service = Service(tmp / "outputs", presets_dir=tmp / "presets", train_fn=_paced_train)
     threading.Thread(target=service.warm_up, daemon=True).start()
-    demo = build_app(service)
-    demo.queue(default_concurrency_limit=4)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_options(service))
+    url, demo = serve(service)
     src = make_dataset(tmp / "src", n=6, size=64)
     (src / "notes.pdf").write_bytes(b"%PDF-1.4 not an image")
     _truncated_png(src / "broken.png")
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", service=service, src=src, tmp=tmp)
+    yield SimpleNamespace(url=url, service=service, src=src, tmp=tmp)
     service.jobs.stop()
     service.jobs.wait(120)
     demo.close()
@@ -73,8 +68,7 @@ def app(tmp_path_factory):
 def page(app):
     SHOTS.mkdir(exist_ok=True)
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        browser = launch_chromium(p)
         context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
         pg = context.new_page()
         pg.set_default_timeout(90_000)   # a loaded 2-core machine is slow; every wait is for an event
