@@ -35,7 +35,7 @@ class PreflightMixin:
                                        field="model") from err
             return PreflightMixin._baseline
 
-    def estimate_run(self, run: str, values: dict[str, Any], gpus: Any = 1):
+    def estimate_run(self, run: str, values: dict[str, Any]):
         """(estimate, alternatives) for training ``run`` with the form ``values`` (alternatives only when it
         does not fit in free memory). Raises ConfigError/TrainerError for settings that cannot train."""
         from trainer.loop.estimate import estimate_with_alternatives

@@ -140,17 +140,29 @@ def op_overhead(device: str) -> float:
     return _OVERHEAD[device]
 
 
-def _steps(config: TrainConfig, resolution: int) -> int:
-    """The run's optimizer steps: max_train_steps, or epochs over the dataset's batches (per bucket)."""
+def _dataset(config: TrainConfig, resolution: int):
+    """The dataset's report, scanned once (None without a dataset, or when it cannot be read and only the cache
+    fill's image count would have used it)."""
+    if not config.data_dir:
+        return None
+    from ..data.scan import scan_dataset
+    try:
+        return scan_dataset(config.data_dir, trigger_word=config.trigger_word, resolution=resolution,
+                            caption_extension=config.caption_extension)
+    except TrainerError:
+        if config.max_train_steps:
+            return None
+        raise
+
+
+def _steps(config: TrainConfig, report) -> int:
+    """The run's optimizer steps: max_train_steps, or epochs over the dataset's batches."""
     from .schedules import total_steps_for_batches
     if config.max_train_steps:
         return config.max_train_steps
-    if not config.data_dir:
+    if report is None:
         raise TrainerError("The estimate needs max_train_steps or a dataset (--data) to count the steps of "
                            f"{config.epochs} epoch(s).", field="data_dir")
-    from ..data.scan import scan_dataset
-    report = scan_dataset(config.data_dir, trigger_word=config.trigger_word, resolution=resolution,
-                          caption_extension=config.caption_extension)
     batches = math.ceil(report.num_samples * config.repeats / max(1, config.batch_size))
     return total_steps_for_batches(batches, config.gradient_accumulation_steps, config.epochs, 0)
 
@@ -181,8 +193,9 @@ def estimate(config: TrainConfig, *, device: str | None = None, baseline: int | 
     peak = weights + max(trace.step_peak, encode) + parts.get("process", 0)
     rate = device_flops(device, dtype)
     step_s = trace.step_flops / rate + trace.step_ops * op_overhead(device)
-    steps = _steps(config, resolution)
-    images = _images(config)
+    report = _dataset(config, resolution)
+    steps = _steps(config, report)
+    images = report.num_images if report is not None else 0
     fill_s = images * trace.encode_flops_per_image / rate if config.cache_latents else 0.0
     assumptions.append(f"throughput {rate / 1e9:.0f} GFLOP/s and {op_overhead(device) * 1e6:.0f} us per tensor "
                        f"operation measured here; {trace.step_flops / 1e9:.1f} GFLOP and {trace.step_ops} operations "
@@ -191,16 +204,6 @@ def estimate(config: TrainConfig, *, device: str | None = None, baseline: int | 
                     peak_bytes=int(peak), step_seconds=step_s, total_seconds=steps * step_s + fill_s, steps=steps,
                     resolution=resolution,
                     free_bytes=free_memory(device), parts=parts, assumptions=assumptions)
-
-
-def _images(config: TrainConfig) -> int:
-    if not config.data_dir:
-        return 0
-    try:
-        from ..data.scan import scan_dataset
-        return scan_dataset(config.data_dir, resolution=0, caption_extension=config.caption_extension).num_images
-    except TrainerError:
-        return 0
 
 
 def alternatives(config: TrainConfig, device: str) -> list[tuple[str, TrainConfig]]:
