@@ -77,17 +77,20 @@ def fill(page, elem_id: str, value) -> None:
     box.press("Tab")
 
 
-def progress_state(page) -> tuple[str, int]:
+def progress_state(page, run: str | None = None) -> tuple[str, int]:
+    """The progress card's state and step; "idle" while there is none, or while it shows another run than
+    ``run`` (the card shows the current job while the picked run waits)."""
     card = page.locator("#train-progress .progress-card")
-    if not card.count():
+    if not card.count() or (run is not None and card.get_attribute("data-run") != run):
         return "idle", 0
     return card.get_attribute("data-state"), int(card.get_attribute("data-step"))
 
 
-def wait_state(page, states: tuple[str, ...], timeout: float = 150, min_step: int = 0) -> tuple[str, int]:
+def wait_state(page, states: tuple[str, ...], timeout: float = 150, min_step: int = 0,
+               run: str | None = None) -> tuple[str, int]:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        state, step = progress_state(page)
+        state, step = progress_state(page, run)
         if state in states and step >= min_step:
             return state, step
         if state == "failed":

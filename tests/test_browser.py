@@ -316,9 +316,11 @@ def test_validation_loss_is_drawn_beside_the_training_loss(app, page):
     fill(page, "field-validate_every_n_steps", 4)
     page.click("#advanced .label-wrap")
     page.click("#start-btn")
-    wait_state(page, ("finished",))
-    measured = app.service.jobs.snapshot().validation
-    assert len(measured) >= 3, f"the run measured too few validation losses to draw a line: {measured}"
+    wait_state(page, ("finished",), timeout=240, run="e2e-val")
+    job = app.service.jobs.last("e2e-val")
+    measured = job.validation
+    assert len(measured) >= 3, (f"the run measured too few validation losses to draw a line: {measured}; "
+                                f"job {job.run} {job.state} step {job.step}; log: {job.logs[-12:]}")
 
     # The chart is Vega SVG: each datum has a (hover) point whose aria-label names its step, loss and series.
     points = "#loss-plot [aria-roledescription=point][aria-label*='series: validation loss']"
