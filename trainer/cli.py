@@ -16,6 +16,7 @@ from .cli_effect import add_effect_command, cmd_effect
 from .cli_estimate import add_estimate_command, cmd_estimate
 from .cli_files import FILE_COMMANDS, add_file_commands
 from .cli_caption import CAPTION_COMMANDS, add_caption_command
+from .config import MIXED_PRECISIONS
 from .errors import ConfigError, TrainerError
 
 # flag -> TrainConfig field, for the flags the README documents
@@ -101,7 +102,8 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--text-encoder-lr", type=float)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--resolution", type=int, help="training size in pixels (multiple of 8)")
-    t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"))
+    t.add_argument("--mixed-precision", choices=MIXED_PRECISIONS,
+                   help="auto (default): bf16 where it is faster, else fp32; see docs/BENCHMARKS.md")
     t.add_argument("--seed", type=int)
     t.add_argument("--name", help="file name of the adapter (without .safetensors)")
     t.add_argument("--trigger", help="trigger word prepended to every caption")

@@ -35,7 +35,7 @@ PROJECTOR_KINDS = ("encoder_hid_proj", "add_embedding", "text_projection")
 # Network types, all built by PEFT (LoraConfig, LoraConfig(use_dora=True), LoHaConfig, LoKrConfig); see network.lora.
 NETWORK_TYPES = ("lora", "dora", "loha", "lokr")
 
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy", "lion", "schedule_free_adamw")  # = loop.optimizers
 ARCHS = ("auto", "sd1", "sd2", "sdxl")
@@ -164,7 +164,8 @@ class TrainConfig:
     lr_scheduler_power: float = _optim(1.0, "power of the polynomial schedule")
     lr_warmup_steps: int = _optim(0)
     mixed_precision: str = _optim(
-        "no", "no / fp16 / bf16 (frozen weights only; LoRA stays fp32)", choices=MIXED_PRECISIONS)
+        "auto", "auto / no / fp16 / bf16 for the frozen weights (LoRA stays fp32); auto: bf16 on GPUs that have "
+        "it, fp16 on older ones, bf16 on CPUs with native bf16 for SD-size models, else fp32", choices=MIXED_PRECISIONS)
     gradient_checkpointing: bool = _optim(False, "recompute activations in the backward pass: much less memory, "
                                           "~30% slower")
     torch_compile: bool = _optim(False, "compile the UNet with torch.compile (GPU: faster steps after a "

@@ -18,11 +18,11 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import TrainerError
+from . import precision
 from .trace import meta_model, model_configs, trace_step
 
 __all__ = ["Estimate", "estimate", "estimate_with_alternatives", "free_memory", "process_rss", "device_flops"]
 GIB = 2 ** 30
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -171,16 +171,18 @@ def estimate(config: TrainConfig, *, device: str | None = None, baseline: int | 
     """The predicted peak memory and time of training ``config`` on ``device`` (default: CUDA when there is one).
     ``baseline``: the process's own memory on CPU (default: this process's resident memory now)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[config.mixed_precision]
     arch, folder = model_configs(config.model, config.arch, config.prediction_type)
     model = meta_model(arch, folder)
     resolution = config.resolution or model.resolution
-    config = replace(config, resolution=resolution)
+    chosen, why = precision.resolve(config.mixed_precision, model.unet, device)
+    config = replace(config, resolution=resolution, mixed_precision=chosen)
+    dtype = precision.DTYPES[chosen]
     trace = trace_step(config, model, dtype)
     weights = sum(trace.weight_bytes.values())
     parts = {"weights": weights, "training step": trace.step_peak}
     assumptions = [f"{arch} architecture from {folder}", f"{resolution}x{resolution} px (a bucket's area is at "
-                   "most this), batch " f"{config.batch_size}", f"weights {str(dtype).split('.')[-1]}, "
+                   "most this), batch " f"{config.batch_size}", f"weights {str(dtype).split('.')[-1]} "
+                   f"(mixed_precision {chosen}: {why}), "
                    f"VAE {'bf16' if dtype == torch.bfloat16 else 'fp32'}"]
     if device == "cpu":
         parts["process"] = process_rss() if baseline is None else baseline

@@ -19,9 +19,9 @@ from . import distributed, schedules
 from .ema import Ema
 from .optimizers import make_optimizer, make_scheduler
 from .outputs import Run
+from .precision import DTYPES
 from .validation import build_validation_set, validation_loss
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def make_accelerator(config: TrainConfig):

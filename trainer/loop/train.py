@@ -21,7 +21,7 @@ from ..errors import TrainerError
 from ..events import Control, Event, Failed, Finished, Listener, Log, Progress, Started, Validation
 from ..models.loader import BaseModel, load_base_model
 from .loss import diffusion_loss
-from . import distributed, schedules
+from . import distributed, precision, schedules
 from .pace import StepPace
 from .outputs import Run, check_effect, render_samples, save, save_interrupted
 from .records import RunRecord, TensorBoardLog
@@ -96,6 +96,10 @@ def _setup(config: TrainConfig, base: BaseModel | None, emit: Callable[[Event], 
         config = config.replace(resolution=base.resolution)
         report = scan_dataset(config.data_dir, trigger_word=config.trigger_word, resolution=config.resolution,
                               caption_extension=config.caption_extension)
+    if config.mixed_precision == "auto":    # resolved here, so config.json and a resume name what ran
+        chosen, why = precision.resolve("auto", base.unet, precision.device_type())
+        config = config.replace(mixed_precision=chosen)
+        emit(Log(f"mixed precision: {'fp32' if chosen == 'no' else chosen} ({why}; set mixed_precision to choose)"))
     if config.zero_terminal_snr:
         if base.prediction_type != "v_prediction":
             raise TrainerError(f"zero_terminal_snr needs a v-prediction model and '{config.model}' predicts "
