@@ -12,9 +12,13 @@ the same LoRA on fixed latents and text embeddings: what any trainer's step cost
 Each is a fresh process; whole-process wall time (interpreter start to exit) and peak RSS come from the kernel
 (wait4), the median step from each process's own step times.
 
-    python bench/reference.py compare --models builtin,sd15 --resolution 128 --steps 24     # ~15 min, 2 cores
+    python bench/reference.py compare --models builtin,sd15 --resolution 128 --steps 24     # ~10 min, 2 cores
     python bench/reference.py compare --models sd15 --resolution 256 --steps 12
-    python bench/reference.py compare --models sd15 --resolution 512 --steps 30 --device cuda --precision bf16
+    python bench/reference.py compare --models sd15 --resolution 512 --steps 30 --device cuda
+
+Each side runs at its own default precision (the reference: fp32, as the example's `--mixed_precision`
+default; ours: `auto`), and when ours picks another one the reference runs a second time at that precision, so
+the table has the equal-precision comparison too; the floor runs at ours' precision.
 
 Results: docs/BENCHMARKS.md.
 """
@@ -247,35 +251,51 @@ def compare(a: argparse.Namespace) -> None:
     me = [sys.executable, str(Path(__file__).resolve())]
     for name, (model, res) in models.items():
         common = ["--model", model, "--resolution", str(res), "--steps", str(a.steps), "--rank", str(a.rank),
-                  "--batch", str(a.batch), "--threads", str(a.threads), "--device", a.device,
-                  "--precision", a.precision]
-        for rep in range(a.repeats):            # alternate the three, so drift on the machine hits all alike
+                  "--batch", str(a.batch), "--threads", str(a.threads), "--device", a.device]
+        for rep in range(a.repeats):            # alternate them, so drift on the machine hits all alike
             out = tmp / f"{name}-{rep}"
-            ref = _run([*me, "reference", *common, "--data", str(data), "--out", str(out / "reference")])
-            ref["median_step_s"] = statistics.median(json.loads((out / "reference" / "steps.json").read_text())[1:])
             ours = _run([sys.executable, "-m", "trainer", "train", "--data", str(data), "--out", str(out / "ours"),
                          "--model", model, "--resolution", str(res), "--steps", str(a.steps), "--rank", str(a.rank),
                          "--alpha", str(a.rank), "--batch-size", str(a.batch), "--unet-targets", "attn",
                          "--no-buckets", "--lr", "1e-4", "--threads", str(a.threads), "--quiet",
-                         "--mixed-precision", a.precision, "--no-effect-check",
+                         "--mixed-precision", a.ours_precision, "--no-effect-check",
                          "--set", "min_snr_gamma=0", "--set", "lr_scheduler=constant"])
             ours["median_step_s"] = statistics.median(_our_steps(out / "ours")[1:])
-            bare = _run([*me, "floor", *common, "--out", str(out / "floor")])
-            bare["median_step_s"] = statistics.median(json.loads((out / "floor" / "steps.json").read_text())[1:])
+            ours["precision"] = json.loads((out / "ours" / "config.json").read_text())["mixed_precision"]
             row = {"model": name, "px": res, "batch": a.batch, "steps": a.steps, "images": a.images, "rep": rep,
-                   "reference": ref, "ours": ours, "floor": bare,
-                   "ours_over_reference_wall": ours["wall_s"] / ref["wall_s"],
-                   "ours_over_floor_step": ours["median_step_s"] / bare["median_step_s"]}
+                   "ours": ours}
+            # the reference at its own default (or --precision), and at ours' precision when that differs
+            for key, prec in (("reference", a.precision), ("reference_same_precision", ours["precision"])):
+                if key == "reference_same_precision" and prec == a.precision:
+                    continue
+                ref = _run([*me, "reference", *common, "--precision", prec, "--data", str(data),
+                            "--out", str(out / key)])
+                ref["median_step_s"] = statistics.median(json.loads((out / key / "steps.json").read_text())[1:])
+                ref["precision"] = prec
+                row[key] = ref
+            bare = _run([*me, "floor", *common, "--precision", ours["precision"], "--out", str(out / "floor")])
+            bare["median_step_s"] = statistics.median(json.loads((out / "floor" / "steps.json").read_text())[1:])
+            bare["precision"] = ours["precision"]
+            row["floor"] = bare
+            row["ours_over_reference_wall"] = ours["wall_s"] / row["reference"]["wall_s"]
+            if "reference_same_precision" in row:
+                row["ours_over_same_precision_reference_wall"] = (ours["wall_s"] /
+                                                                  row["reference_same_precision"]["wall_s"])
+            row["ours_over_floor_step"] = ours["median_step_s"] / bare["median_step_s"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| model | px | run | whole process (s) | median step (s) | peak RSS (GiB) |\n|---|---|---|---|---|---|")
+    print("\n| model | px | run | precision | whole process (s) | median step (s) | peak RSS (GiB) |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
-        for who in ("reference", "ours", "floor"):
-            m = r[who]
-            print(f"| {r['model']} | {r['px']} | {who} | {m['wall_s']:.1f} | {m['median_step_s']:.3f} | "
-                  f"{m['peak_rss_gib']:.2f} |")
-        print(f"| | | ours / reference (whole process) | {r['ours_over_reference_wall']:.2f} | "
-              f"ours / floor (step) {r['ours_over_floor_step']:.2f} | |")
+        for who in ("reference", "reference_same_precision", "ours", "floor"):
+            if who in r:
+                m = r[who]
+                print(f"| {r['model']} | {r['px']} | {who.replace('_', ' ')} | {m['precision']} | {m['wall_s']:.1f} | "
+                      f"{m['median_step_s']:.3f} | {m['peak_rss_gib']:.2f} |")
+        same = (f", ours / same-precision reference {r['ours_over_same_precision_reference_wall']:.2f}"
+                if "reference_same_precision" in r else "")
+        print(f"| | | whole process: ours / reference {r['ours_over_reference_wall']:.2f}{same}; "
+              f"step: ours / floor {r['ours_over_floor_step']:.2f} | | | | |")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
 
@@ -292,9 +312,13 @@ def main() -> None:
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
         p.add_argument("--precision", choices=("no", "fp16", "bf16"), default="no",
-                       help="mixed precision of all three (frozen weights in it, LoRA fp32)")
+                       help="mixed precision of the reference (its default: no) or the floor (frozen weights in "
+                            "it, LoRA fp32)")
     c = sub.choices["compare"]
     c.add_argument("--models", default="builtin,sd15", help="builtin, sd15 (random weights) or a diffusers folder")
+    c.add_argument("--ours-precision", choices=("auto", "no", "fp16", "bf16"), default="auto",
+                   help="ours' mixed_precision (default: its default, auto); the floor and a second reference run "
+                        "use what it picked")
     c.add_argument("--images", type=int, default=8)
     c.add_argument("--repeats", type=int, default=1)
     c.add_argument("--work", help="folder for the images, the SD1.5-size model and the runs (default: a temp dir)")

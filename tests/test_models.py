@@ -126,6 +126,22 @@ def test_diffusers_folder_round_trip(tiny_sd1, tmp_path):
     assert_frozen(loaded)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_run_loads_the_folder_in_its_dtype(tiny_sd1, tmp_path, dtype):
+    """The UNet and text encoder arrive in the run's dtype (the UNet read a tensor at a time), the VAE in bf16
+    beside bf16 and in fp32 beside fp16; the values are the fp32 weights rounded once."""
+    base = as_base(tiny_sd1)
+    make_pipeline(base).save_pretrained(tmp_path / "my-model")
+    loaded = load_base_model(str(tmp_path / "my-model"), dtype=dtype)
+    assert {p.dtype for p in loaded.unet.parameters()} == {dtype}
+    assert {p.dtype for p in loaded.text_encoders[0].parameters()} == {dtype}
+    assert {p.dtype for p in loaded.vae.parameters()} == {torch.bfloat16 if dtype == torch.bfloat16 else torch.float32}
+    want = base.unet.state_dict()
+    assert all(torch.equal(v, want[k].to(dtype)) for k, v in loaded.unet.state_dict().items())
+    assert all(not m.training and not any(p.requires_grad for p in m.parameters())
+               for m in (loaded.unet, loaded.vae, *loaded.text_encoders))
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
 def test_sd1_single_file_round_trip(tiny_sd1, tmp_path, suffix):
     base = as_base(tiny_sd1)

@@ -67,3 +67,40 @@ def test_a_run_records_what_auto_picked(tmp_path, monkeypatch, native):
     assert reason in lines[0] and lines[0].endswith("; set mixed_precision to choose)")
     frozen = {p.dtype for n, p in base.unet.named_parameters() if "lora_" not in n}
     assert frozen == {torch.bfloat16 if native else torch.float32}
+
+
+# --- the UNet read in the training dtype (no fp32 copy held) -------------------------------------------------
+
+def _saved_unet(folder, **save):
+    from tests.tiny_models import build_tiny
+    unet = build_tiny("sdxl")["unet"]
+    unet.save_pretrained(folder, **save)
+    return unet
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shards", [None, "20KB"])
+def test_the_streamed_unet_equals_from_pretrained_in_that_dtype(tmp_path, dtype, shards):
+    from diffusers import UNet2DConditionModel
+
+    from trainer.models.stream import stream_unet
+    _saved_unet(tmp_path / "unet", **({"max_shard_size": shards} if shards else {}))
+    if shards:
+        assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    got = stream_unet(tmp_path / "unet", dtype)
+    want = UNet2DConditionModel.from_pretrained(tmp_path, subfolder="unet", torch_dtype=dtype).state_dict()
+    have = got.state_dict()
+    assert set(have) == set(want)
+    assert all(have[k].dtype == want[k].dtype and torch.equal(have[k], want[k]) for k in want)
+    assert not any(p.device.type == "meta" for p in got.parameters())
+
+
+def test_a_folder_it_cannot_stream_falls_back(tmp_path):
+    from trainer.models.stream import stream_unet
+    _saved_unet(tmp_path / "bin", safe_serialization=False)
+    assert stream_unet(tmp_path / "bin", torch.bfloat16) is None
+    _saved_unet(tmp_path / "other")                 # weights of another layout than the config says
+    config = json.loads((tmp_path / "other" / "config.json").read_text())
+    config["layers_per_block"] = 1
+    (tmp_path / "other" / "config.json").write_text(json.dumps(config))
+    assert stream_unet(tmp_path / "other", torch.bfloat16) is None

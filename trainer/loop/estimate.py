@@ -4,8 +4,9 @@ Peak = the frozen weights as trained (their dtype per component) + what one trac
 peak (activations, gradients, optimizer state, adapter, EMA; ``trace``) + on CPU the process itself (the
 resident memory of this process once torch and the model libraries are imported, as the trainer's would be).
 The cache fill (one VAE and text encode per image, before step 1) peaks separately; the larger peak counts.
-Time = the traced step's FLOPs / this device's measured throughput (a short convolution and matrix-multiply
-calibration in the training dtype), per step, plus the cache fill; model loading is not included.
+Time per step = the traced step's own operations, the costliest of them run on this device on random tensors of
+their shapes and timed (``replay``; the rest scaled from those), plus a measured cost per small operation; the
+cache fill is its FLOPs over this device's measured throughput; model loading is not included.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import TrainerError
-from . import precision
+from . import precision, replay
 from .trace import meta_model, model_configs, trace_step
 
 __all__ = ["Estimate", "estimate", "estimate_with_alternatives", "free_memory", "process_rss", "device_flops"]
@@ -194,14 +195,16 @@ def estimate(config: TrainConfig, *, device: str | None = None, baseline: int | 
     encode = trace.encode_peak if (config.cache_latents and config.center_crop) else 0
     peak = weights + max(trace.step_peak, encode) + parts.get("process", 0)
     rate = device_flops(device, dtype)
-    step_s = trace.step_flops / rate + trace.step_ops * op_overhead(device)
+    step_s, timed_share = replay.step_seconds(trace.op_log, trace.trace_steps, device, rate=rate,
+                                              overhead=op_overhead(device))
     report = _dataset(config, resolution)
     steps = _steps(config, report)
     images = report.num_images if report is not None else 0
     fill_s = images * trace.encode_flops_per_image / rate if config.cache_latents else 0.0
-    assumptions.append(f"throughput {rate / 1e9:.0f} GFLOP/s and {op_overhead(device) * 1e6:.0f} us per tensor "
-                       f"operation measured here; {trace.step_flops / 1e9:.1f} GFLOP and {trace.step_ops} operations "
-                       "per step; model loading, samples and the effect check not included")
+    assumptions.append(f"step time: the step's {trace.step_ops} operations ({trace.step_flops / 1e9:.1f} GFLOP), "
+                       f"{timed_share:.0%} of their cost timed on this device, the rest scaled from those; "
+                       f"{op_overhead(device) * 1e6:.0f} us per small operation; model loading, samples and the "
+                       "effect check not included")
     return Estimate(device=device, memory_kind="CUDA memory" if device == "cuda" else "resident memory",
                     peak_bytes=int(peak), step_seconds=step_s, total_seconds=steps * step_s + fill_s, steps=steps,
                     resolution=resolution,

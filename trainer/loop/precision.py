@@ -45,6 +45,22 @@ def resolve(setting: str, unet: nn.Module, device_type: str) -> tuple[str, str]:
     return "bf16", f"this CPU computes bf16 natively and the UNet has {params / 1e6:.0f}M parameters"
 
 
+def resolve_before_load(config, device: str) -> tuple[str, str] | None:
+    """What "auto" picks for ``config.model``, from its UNet config built on the meta device (no weights read),
+    so the weights can be loaded in that dtype; None when the model's configs are not local (a hub id)."""
+    from diffusers import UNet2DConditionModel
+
+    from ..errors import TrainerError
+    from .trace import model_configs
+    try:
+        _, folder = model_configs(config.model, config.arch, config.prediction_type)
+    except TrainerError:
+        return None
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+    return resolve("auto", unet, device)
+
+
 def device_type() -> str:
     """The device a run trains on, as accelerate will pick it: CUDA when there is one, else the CPU."""
     if torch.cuda.is_available():

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import flop_registry
 
 from ..config import TrainConfig
 from ..errors import TrainerError
+from .replay import OpLog
 
 __all__ = ["MetaModel", "PeakTracker", "StepTrace", "meta_model", "trace_step", "model_configs"]
 
@@ -31,11 +32,12 @@ class PeakTracker(TorchDispatchMode):
     taken for an allocation. (torch's FlopCounterMode is not used: under gradient checkpointing its module
     hooks keep the recomputed activations alive.)"""
 
-    def __init__(self, known: set[int] | None = None):
+    def __init__(self, known: set[int] | None = None, log: OpLog | None = None):
         super().__init__()
         self.known = set(known or ())
         self.live: dict[int, int] = {}
         self.now = self.peak = self.ops = self.flops = 0
+        self.log = log                  # each distinct operation, for timing them for real (replay.py)
 
     def _free(self, key: int) -> None:
         self.now -= self.live.pop(key, 0)
@@ -45,8 +47,10 @@ class PeakTracker(TorchDispatchMode):
         out = func(*args, **kwargs)
         self.ops += 1
         count = flop_registry.get(func._overloadpacket)
+        flops = count(*args, **kwargs, out_val=out) if count is not None else _attention_flops(func, args)
         if count is not None:
-            self.flops += count(*args, **kwargs, out_val=out)
+            self.flops += flops
+        new = 0
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
@@ -54,9 +58,27 @@ class PeakTracker(TorchDispatchMode):
                 if key not in self.live and key not in self.known:
                     self.live[key] = storage.nbytes()
                     self.now += storage.nbytes()
+                    new += storage.nbytes()
                     self.peak = max(self.peak, self.now)
                     weakref.finalize(storage, self._free, key)
+        if self.log is not None:
+            self.log.add(func, args, kwargs, flops, new)
         return out
+
+
+def _attention_flops(func, args) -> int:
+    """FLOPs of a fused attention kernel (torch's counter has no formula for them): 4*b*h*l*s*d forward, about
+    2.5x that backward. Only the op log uses this; ``fused_attention`` adds them to the step's total."""
+    name = str(func)
+    if "scaled_dot_product" not in name and "attention" not in name:
+        return 0
+    four = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
+    backward = "backward" in name
+    if len(four) < (4 if backward else 3):
+        return 0
+    q, k = (four[1], four[2]) if backward else (four[0], four[1])
+    b, h, length, d = q.shape
+    return int(4 * b * h * length * k.shape[-2] * d * (2.5 if backward else 1.0))
 
 
 @contextmanager
@@ -155,6 +177,8 @@ class StepTrace:
     adapter_bytes: int                  # LoRA parameters (fp32)
     step_flops: int                     # one optimizer step (batch x accumulation), forward + backward
     step_ops: int = 0                   # tensor operations dispatched in one step (each has a fixed cost)
+    op_log: OpLog | None = None         # the distinct operations of the traced steps (``trace_steps`` of them)
+    trace_steps: int = 2
     encode_peak: int = 0                # bytes: the cache fill's peak (one image / one caption at a time)
     encode_flops_per_image: int = 0     # VAE encode + text encode of one image, for the cache fill
     weight_bytes: dict[str, int] = field(default_factory=dict)   # frozen weights per component, as trained
@@ -188,7 +212,7 @@ def trace_step(config: TrainConfig, model: MetaModel, weight_dtype: torch.dtype)
     for m in components.values():       # as the loop trains them (checkpointing is active in training mode)
         if any(p.requires_grad for p in m.parameters()):
             m.train()
-    tracker = PeakTracker(storages([*components.values(), model.vae]))
+    tracker = PeakTracker(storages([*components.values(), model.vae]), log=OpLog())
     attention = [0]
     with fused_attention(attention), tracker:
         ema = _ema(config, flat)
@@ -208,6 +232,7 @@ def trace_step(config: TrainConfig, model: MetaModel, weight_dtype: torch.dtype)
         _encode_image(model, res, 1)
         _encode_text(model, 1, config)
     return StepTrace(step_peak=tracker.peak, adapter_bytes=adapter, step_flops=step_flops, step_ops=tracker.ops // 2,
+                     op_log=tracker.log, trace_steps=2,
                      encode_peak=encode_tracker.peak,
                      encode_flops_per_image=encode_tracker.flops + encode_attention[0],
                      weight_bytes=frozen)

@@ -89,15 +89,20 @@ def _setup(config: TrainConfig, base: BaseModel | None, emit: Callable[[Event], 
     # The dataset is checked before the (slow) model load so its errors come first.
     report = scan_dataset(config.data_dir, trigger_word=config.trigger_word, resolution=config.resolution or 512,
                           caption_extension=config.caption_extension)
+    picked = None
     if base is None:
+        if config.mixed_precision == "auto":
+            picked = precision.resolve_before_load(config, precision.device_type())
+        setting = picked[0] if picked else config.mixed_precision
         emit(Log(f"loading base model {config.model!r}"))
-        base = load_base_model(config.model, arch=config.arch, prediction_type=config.prediction_type)
+        base = load_base_model(config.model, arch=config.arch, prediction_type=config.prediction_type,
+                               dtype=precision.DTYPES.get(setting, torch.float32))
     if not config.resolution:
         config = config.replace(resolution=base.resolution)
         report = scan_dataset(config.data_dir, trigger_word=config.trigger_word, resolution=config.resolution,
                               caption_extension=config.caption_extension)
     if config.mixed_precision == "auto":    # resolved here, so config.json and a resume name what ran
-        chosen, why = precision.resolve("auto", base.unet, precision.device_type())
+        chosen, why = picked or precision.resolve("auto", base.unet, precision.device_type())
         config = config.replace(mixed_precision=chosen)
         emit(Log(f"mixed precision: {'fp32' if chosen == 'no' else chosen} ({why}; set mixed_precision to choose)"))
     if config.zero_terminal_snr:

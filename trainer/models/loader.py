@@ -18,6 +18,7 @@ from ..errors import TrainerError
 from .builtin import builtin_folder
 from .checkpoint import (CHECKPOINT_SUFFIXES, detect_checkpoint, read_checkpoint, to_ldm_state_dict,
                          unet_with_extras, write_checkpoint)
+from .stream import stream_unet
 from .text import encode_text
 
 __all__ = ["BaseModel", "load_base_model", "detect_checkpoint", "make_pipeline", "encode_prompts",
@@ -65,8 +66,10 @@ class BaseModel:
 # --- loading -------------------------------------------------------------------------------------
 
 def load_base_model(spec: str = "builtin", *, arch: str = "auto", prediction_type: str = "auto",
-                    config_dir: str | None = None) -> BaseModel:
-    """Load a base model, fp32 on CPU, frozen and in eval mode.
+                    config_dir: str | None = None, dtype: torch.dtype = torch.float32) -> BaseModel:
+    """Load a base model on the CPU, frozen and in eval mode: the UNet and text encoders in ``dtype`` (fp32 by
+    default; a run that trains in bf16/fp16 loads them so, never holding an fp32 copy), the VAE in bf16 when
+    ``dtype`` is bf16, else fp32.
 
     ``spec``: "builtin"; a diffusers folder (has model_index.json); a single-file .safetensors/.ckpt/.pt
     in the original layout; or a hub id "owner/name" (honours HF_HUB_OFFLINE). ``arch`` and
@@ -82,13 +85,13 @@ def load_base_model(spec: str = "builtin", *, arch: str = "auto", prediction_typ
     elif path.is_file():
         base = _load_single_file(path.resolve(), arch, prediction_type, config_dir)
     elif path.is_dir():
-        base = _load_folder(path.resolve(), arch, prediction_type)
+        base = _load_folder(path.resolve(), arch, prediction_type, dtype)
     elif _looks_like_hub_id(spec):
-        base = _load_hub(spec, arch, prediction_type)
+        base = _load_hub(spec, arch, prediction_type, dtype)
     else:
         raise TrainerError(f"Model '{spec}' does not exist; pass 'builtin', a .safetensors/.ckpt file, a "
                            "diffusers model folder or a hub id like 'owner/name'.", field="model")
-    return _freeze(base)
+    return _freeze(base, dtype)
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -102,10 +105,17 @@ def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
         raise TrainerError(f"{field} '{value}' is not one of {', '.join(allowed)}.", field=field)
 
 
-def _freeze(base: BaseModel) -> BaseModel:
+def vae_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype beside frozen weights in ``dtype``: bf16 with bf16; fp32 otherwise (the SD VAEs overflow
+    in fp16)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _freeze(base: BaseModel, dtype: torch.dtype = torch.float32) -> BaseModel:
     for module in (base.unet, base.vae, *base.text_encoders):
-        if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in module.parameters()):
-            module.to(device="cpu", dtype=torch.float32)
+        want = vae_dtype(dtype) if module is base.vae else dtype
+        if any(p.dtype != want or p.device.type != "cpu" for p in module.parameters()):
+            module.to(device="cpu", dtype=want)
         module.requires_grad_(False)
         module.eval()
     return base
@@ -132,14 +142,15 @@ def _native_resolution(unet: UNet2DConditionModel, vae: AutoencoderKL) -> int:
 
 # diffusers folders and hub ids
 
-def _load_folder(folder: Path, arch: str, prediction_type: str) -> BaseModel:
+def _load_folder(folder: Path, arch: str, prediction_type: str, dtype: torch.dtype = torch.float32) -> BaseModel:
     if not (folder / "model_index.json").is_file():
         hint = next((f" (it holds '{f.name}': pass that file instead)" for f in sorted(folder.iterdir())
                      if f.suffix.lower() in (".safetensors", ".ckpt")), "")
         raise TrainerError(f"Folder '{folder}' is not a diffusers model: it has no model_index.json{hint}. "
                            "Pass a diffusers model folder or a single .safetensors/.ckpt file.", field="model")
     try:
-        return _load_diffusers(str(folder), folder.name, str(folder), arch, prediction_type, local_only=True)
+        return _load_diffusers(str(folder), folder.name, str(folder), arch, prediction_type, local_only=True,
+                               dtype=dtype)
     except (OSError, ValueError) as err:
         raise TrainerError(f"Folder '{folder}' could not be loaded as a diffusers model ({type(err).__name__}: "
                            f"{_first_line(err)}); check that its unet, vae and text_encoder weights are complete.",
@@ -156,10 +167,10 @@ def _hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE or flag in ("1", "ON", "YES", "TRUE")
 
 
-def _load_hub(repo_id: str, arch: str, prediction_type: str) -> BaseModel:
+def _load_hub(repo_id: str, arch: str, prediction_type: str, dtype: torch.dtype = torch.float32) -> BaseModel:
     offline = _hub_offline()
     try:
-        return _load_diffusers(repo_id, repo_id, repo_id, arch, prediction_type, local_only=offline)
+        return _load_diffusers(repo_id, repo_id, repo_id, arch, prediction_type, local_only=offline, dtype=dtype)
     except (OSError, ValueError) as err:
         if offline:
             raise TrainerError(f"Model '{repo_id}' is not a local path, and it cannot be fetched from the "
@@ -172,7 +183,7 @@ def _load_hub(repo_id: str, arch: str, prediction_type: str) -> BaseModel:
 
 
 def _load_diffusers(source: str, name: str, resolved: str, arch: str, prediction_type: str, *,
-                    local_only: bool, is_builtin: bool = False) -> BaseModel:
+                    local_only: bool, is_builtin: bool = False, dtype: torch.dtype = torch.float32) -> BaseModel:
     """Load each component of a diffusers SD/SDXL layout (local folder or hub repo) by subfolder."""
     index = DiffusionPipeline.load_config(source, local_files_only=local_only)
     if "unet" not in index or "text_encoder" not in index:
@@ -180,12 +191,16 @@ def _load_diffusers(source: str, name: str, resolved: str, arch: str, prediction
                            "Diffusion 1.x, 2.x and SDXL (a unet and a text_encoder) are supported.", field="model")
     sdxl = "text_encoder_2" in index
     kwargs = {"local_files_only": local_only}
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32, **kwargs)
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **kwargs)
-    encoders = [CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch.float32, **kwargs)]
+    unet = None
+    if dtype != torch.float32 and (Path(source) / "unet").is_dir():   # half-precision run: no fp32 copy held
+        unet = stream_unet(Path(source) / "unet", dtype)
+    if unet is None:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype(dtype), **kwargs)
+    encoders = [CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kwargs)]
     if sdxl:
         encoders.append(CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2",
-                                                                    dtype=torch.float32, **kwargs))
+                                                                    dtype=dtype, **kwargs))
     detected = "sdxl" if sdxl else ("sd2" if unet.config.get("use_linear_projection") else "sd1")
     arch = _resolve_arch(arch, detected, name)
     scheduler_config = DDPMScheduler.load_config(source, subfolder="scheduler", **kwargs)
