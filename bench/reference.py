@@ -213,8 +213,20 @@ def floor(a: argparse.Namespace) -> None:
 
 # --- the comparison (the parent process) ---------------------------------------------------------------
 
-def _run(cmd: list[str]) -> dict:
-    """Wall time and peak RSS of one child process, from the kernel."""
+def _warm(folder: str) -> None:
+    """Read a model folder's files once, so every process finds them in the page cache (the machine may reclaim
+    cold cache between runs: the first reader would pay for the disk, not for its code)."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+
+def _run(cmd: list[str], warm: str | None = None) -> dict:
+    """Wall time and peak RSS of one child process, from the kernel (``warm``: a folder read just before)."""
+    if warm:
+        _warm(warm)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
            "DIFFUSERS_VERBOSITY": "error"}
     t0 = time.perf_counter()
@@ -253,13 +265,13 @@ def compare(a: argparse.Namespace) -> None:
         common = ["--model", model, "--resolution", str(res), "--steps", str(a.steps), "--rank", str(a.rank),
                   "--batch", str(a.batch), "--threads", str(a.threads), "--device", a.device]
         for rep in range(a.repeats):            # alternate them, so drift on the machine hits all alike
-            out = tmp / f"{name}-{rep}"
+            out = tmp / f"{name}-{res}px-{rep}"
             ours = _run([sys.executable, "-m", "trainer", "train", "--data", str(data), "--out", str(out / "ours"),
                          "--model", model, "--resolution", str(res), "--steps", str(a.steps), "--rank", str(a.rank),
                          "--alpha", str(a.rank), "--batch-size", str(a.batch), "--unet-targets", "attn",
                          "--no-buckets", "--lr", "1e-4", "--threads", str(a.threads), "--quiet",
                          "--mixed-precision", a.ours_precision, "--no-effect-check",
-                         "--set", "min_snr_gamma=0", "--set", "lr_scheduler=constant"])
+                         "--set", "min_snr_gamma=0", "--set", "lr_scheduler=constant"], warm=model)
             ours["median_step_s"] = statistics.median(_our_steps(out / "ours")[1:])
             ours["precision"] = json.loads((out / "ours" / "config.json").read_text())["mixed_precision"]
             row = {"model": name, "px": res, "batch": a.batch, "steps": a.steps, "images": a.images, "rep": rep,
@@ -269,11 +281,12 @@ def compare(a: argparse.Namespace) -> None:
                 if key == "reference_same_precision" and prec == a.precision:
                     continue
                 ref = _run([*me, "reference", *common, "--precision", prec, "--data", str(data),
-                            "--out", str(out / key)])
+                            "--out", str(out / key)], warm=model)
                 ref["median_step_s"] = statistics.median(json.loads((out / key / "steps.json").read_text())[1:])
                 ref["precision"] = prec
                 row[key] = ref
-            bare = _run([*me, "floor", *common, "--precision", ours["precision"], "--out", str(out / "floor")])
+            bare = _run([*me, "floor", *common, "--precision", ours["precision"], "--out", str(out / "floor")],
+                        warm=model)
             bare["median_step_s"] = statistics.median(json.loads((out / "floor" / "steps.json").read_text())[1:])
             bare["precision"] = ours["precision"]
             row["floor"] = bare

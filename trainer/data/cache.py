@@ -17,7 +17,8 @@ from ..fileio import atomic_write_bytes
 from .dataset import LoraDataset
 from .images import to_unit_range
 
-ENCODE_BATCH = 8   # images per VAE call while filling the cache
+ENCODE_BATCH = 8   # images per VAE call while filling the cache on a GPU (on a CPU one at a time is faster:
+#                  SD1.5-size VAE at 256 px, bf16, 2 cores: 0.93 s per image alone, 1.35 s in a batch of 8)
 ENTRY_SUFFIX = ".latent"  # safetensors files, named so that nothing takes them for a LoRA
 
 
@@ -68,11 +69,12 @@ class LatentCache:
         return hashlib.blake2b(spec.encode(), digest_size=16).hexdigest()
 
     def fill(self, dataset: LoraDataset, encode: Callable[[torch.Tensor], torch.Tensor],
-             share: tuple[int, int] = (0, 1)) -> FillStats:
+             share: tuple[int, int] = (0, 1), batch: int = ENCODE_BATCH) -> FillStats:
         """Load or compute every entry ``dataset`` needs. ``encode`` maps pixels [B, 3, H, W] in [-1, 1] to
         moments [B, 2C, h, w]; it is called once per group of up to ENCODE_BATCH same-bucket images.
         ``share`` (rank, processes): only images ``i % processes == rank`` (a process's part of a shared
-        disk cache; fill again without it, after the others finished, to read the rest)."""
+        disk cache; fill again without it, after the others finished, to read the rest). ``batch``: images per
+        ``encode`` call."""
         stats = FillStats()
         flips = (False, True) if dataset.random_flip else (False,)
         todo: dict[tuple[int, int], list[tuple[int, bool, str]]] = {}
@@ -92,8 +94,8 @@ class LatentCache:
                         pass
                 todo.setdefault(dataset.placements[i].bucket, []).append((i, flip, key))
         for group in todo.values():
-            for start in range(0, len(group), ENCODE_BATCH):
-                chunk = group[start:start + ENCODE_BATCH]
+            for start in range(0, len(group), batch):
+                chunk = group[start:start + batch]
                 pixels = torch.stack([to_unit_range(dataset.pixels(i).flip(-1) if flip else dataset.pixels(i))
                                       for i, flip, _ in chunk])
                 with torch.no_grad():

@@ -14,7 +14,7 @@ import torch
 from ..config import TrainConfig
 from ..errors import TrainerError
 from .buckets import BucketSpec, bucket_spec, bucket_table, pixel_multiple
-from .cache import LatentCache, TextCache, vae_identity
+from .cache import ENCODE_BATCH, LatentCache, TextCache, vae_identity
 from .captions import check_keep_tokens, transform_caption
 from .dataset import BucketBatchSampler, LoraDataset, collate
 from .scan import DatasetReport, scan_dataset
@@ -146,10 +146,11 @@ def attach_latent_cache(pipe: DataPipe, config: TrainConfig, vae: torch.nn.Modul
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         return vae.encode(pixels.to(device, dtype=vae.dtype)).latent_dist.parameters
 
+    batch = 1 if torch.device(device).type == "cpu" else ENCODE_BATCH   # see ENCODE_BATCH
     if pipe.world > 1 and cache.folder is not None:   # each process encodes its share, then all read the lot
-        cache.fill(pipe.dataset, encode, share=(pipe.rank, pipe.world))
+        cache.fill(pipe.dataset, encode, share=(pipe.rank, pipe.world), batch=batch)
         barrier()
-    stats = cache.fill(pipe.dataset, encode)
+    stats = cache.fill(pipe.dataset, encode, batch=batch)
     log(stats.line(cache.folder))
     pipe.dataset.use_latents(cache)
     return True

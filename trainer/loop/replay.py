@@ -90,7 +90,7 @@ def _time_call(key, device: torch.device) -> float | None:
 
 
 def step_seconds(log: OpLog, steps: int, device: str, *, rate: float, overhead: float,
-                 budget_s: float = 3.0) -> tuple[float, float]:
+                 budget_s: float = 2.0) -> tuple[float, float]:
     """(seconds per step, share of the guessed cost that was timed for real) for a trace of ``steps`` steps.
     ``rate``: FLOP/s and ``overhead``: seconds per small op, for the guesses that order the timing and stand in
     for the operations not timed (scaled by how the timed ones compared with their guesses)."""

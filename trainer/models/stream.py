@@ -1,11 +1,14 @@
 """A diffusers UNet read from its safetensors file(s) one tensor at a time, each converted to the training dtype
 as it is read: a bf16 run of an fp32 SD1.5 UNet peaks at the bf16 model plus one tensor (~1.7 GB), where
-``from_pretrained(torch_dtype=bf16)`` first holds the whole fp32 state dict beside it (~5 GB). Plain file reads,
-not a memory map: mapped pages would count in the process's resident memory until the file is closed.
+``from_pretrained(torch_dtype=bf16)`` first holds the whole fp32 state dict beside it (~5 GB). The file is
+memory-mapped and the pages already converted are dropped as it goes (mapped pages count in the process's
+resident memory until then).
 """
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -38,17 +41,28 @@ def read_converted(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
         start = 8 + size
+        if os.fstat(f.fileno()).st_size <= start:
+            return out
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        dropped = 0
         for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
                                  key=lambda kv: kv[1]["data_offsets"][0]):
-            begin, end = info["data_offsets"]
-            f.seek(start + begin)
-            raw = bytearray(end - begin)
-            f.readinto(raw)
+            begin, end = (start + o for o in info["data_offsets"])
             stored = _DTYPES[info["dtype"]]
-            tensor = torch.frombuffer(raw, dtype=stored).reshape(info["shape"]) if raw else \
-                torch.empty(info["shape"], dtype=stored)
-            out[name] = tensor.to(dtype) if tensor.is_floating_point() and stored != dtype else tensor.clone()
-            del raw
+            if end > begin:
+                view = torch.frombuffer(mapped, dtype=stored, count=(end - begin) // stored.itemsize, offset=begin)
+                view = view.reshape(info["shape"])
+                out[name] = view.to(dtype) if view.is_floating_point() and stored != dtype else view.clone()
+                del view
+            else:
+                out[name] = torch.empty(info["shape"], dtype=stored)
+            done = end // mmap.PAGESIZE * mmap.PAGESIZE
+            if done > dropped and hasattr(mapped, "madvise"):
+                mapped.madvise(mmap.MADV_DONTNEED, dropped, done - dropped)
+                dropped = done
+    finally:
+        mapped.close()
     return out
 
 
