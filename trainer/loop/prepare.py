@@ -13,7 +13,7 @@ from ..config import TrainConfig
 from ..data.pipeline import DataPipe, attach_latent_cache, attach_text_cache, build_data, model_multiple
 from ..errors import TrainerError
 from ..events import Log
-from ..models.loader import BaseModel, encode_prompts
+from ..models.loader import BaseModel, encode_prompts, vae_dtype
 from ..network.lora import cast_frozen, describe_group, groups_from_config, inject
 from . import distributed, schedules
 from .ema import Ema
@@ -141,10 +141,8 @@ def _inject_network(run: Run, device, weight_dtype: torch.dtype):
     params = inject(components, groups)
     base.to(device)
     cast_frozen(components, weight_dtype)
-    # fp16 VAEs overflow into NaN latents; the VAE stays fp32 unless bf16 is asked for.
-    vae_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-    if base.vae.dtype != vae_dtype:
-        base.vae.to(dtype=vae_dtype)
+    if base.vae.dtype != vae_dtype(weight_dtype):     # fp16 VAEs overflow into NaN latents: fp32 beside fp16
+        base.vae.to(dtype=vae_dtype(weight_dtype))
     trainable = [m for name, m in components.items()
                  if any(p.requires_grad for p in m.parameters())]
     if config.gradient_checkpointing:

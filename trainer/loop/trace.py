@@ -48,8 +48,7 @@ class PeakTracker(TorchDispatchMode):
         self.ops += 1
         count = flop_registry.get(func._overloadpacket)
         flops = count(*args, **kwargs, out_val=out) if count is not None else _attention_flops(func, args)
-        if count is not None:
-            self.flops += flops
+        self.flops += flops
         new = 0
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
@@ -68,7 +67,7 @@ class PeakTracker(TorchDispatchMode):
 
 def _attention_flops(func, args) -> int:
     """FLOPs of a fused attention kernel (torch's counter has no formula for them): 4*b*h*l*s*d forward, about
-    2.5x that backward. Only the op log uses this; ``fused_attention`` adds them to the step's total."""
+    2.5x that backward; 0 for any other operation."""
     name = str(func)
     if "scaled_dot_product" not in name and "attention" not in name:
         return 0
@@ -82,20 +81,16 @@ def _attention_flops(func, args) -> int:
 
 
 @contextmanager
-def fused_attention(flops: list[int]):
+def fused_attention():
     """Attention as torch runs it on a real device: a fused kernel that keeps the output and the log-sum-exp,
     not the attention matrix (on the meta device ``scaled_dot_product_attention`` falls back to the math path,
-    which would count that matrix). The fused kernel's FLOPs, which torch's counter does not see, are added to
-    ``flops[0]`` (forward 4*b*h*l*s*d; backward about 2.5x that)."""
+    which would count that matrix). ``PeakTracker`` counts the kernel's FLOPs (``_attention_flops``)."""
     real = F.scaled_dot_product_attention
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
         if query.device.type != "meta" or attn_mask is not None or kw or query.dim() != 4:  # other threads
             return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                         scale=scale, **kw)
-        b, h, length, d = query.shape
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        flops[0] += int(4 * b * h * length * key.shape[-2] * d * (3.5 if grad else 1.0))
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal,
                                                                           scale=scale)[0]
 
@@ -186,6 +181,7 @@ class StepTrace:
 
 def trace_step(config: TrainConfig, model: MetaModel, weight_dtype: torch.dtype) -> StepTrace:
     """Inject the config's network into ``model`` (in place), cast it as ``prepare`` does and trace two steps."""
+    from ..models.loader import vae_dtype
     from ..network.lora import cast_frozen, groups_from_config, inject
     from .optimizers import make_optimizer
 
@@ -193,7 +189,7 @@ def trace_step(config: TrainConfig, model: MetaModel, weight_dtype: torch.dtype)
     groups = groups_from_config(config, components)
     params = inject(components, groups)
     cast_frozen(components, weight_dtype)
-    model.vae.to(dtype=torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32)
+    model.vae.to(dtype=vae_dtype(weight_dtype))
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         for te in model.text_encoders:
@@ -213,8 +209,7 @@ def trace_step(config: TrainConfig, model: MetaModel, weight_dtype: torch.dtype)
         if any(p.requires_grad for p in m.parameters()):
             m.train()
     tracker = PeakTracker(storages([*components.values(), model.vae]), log=OpLog())
-    attention = [0]
-    with fused_attention(attention), tracker:
+    with fused_attention(), tracker:
         ema = _ema(config, flat)
         for _ in range(2):   # the second step runs with the optimizer state (and EMA) alive
             for _ in range(config.gradient_accumulation_steps):
@@ -225,16 +220,15 @@ def trace_step(config: TrainConfig, model: MetaModel, weight_dtype: torch.dtype)
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update()
-    step_flops = (tracker.flops + attention[0]) // 2
+    step_flops = tracker.flops // 2
     encode_tracker = PeakTracker(storages([*components.values(), model.vae]))
-    encode_attention = [0]
-    with fused_attention(encode_attention), encode_tracker, torch.no_grad():
+    with fused_attention(), encode_tracker, torch.no_grad():
         _encode_image(model, res, 1)
         _encode_text(model, 1, config)
     return StepTrace(step_peak=tracker.peak, adapter_bytes=adapter, step_flops=step_flops, step_ops=tracker.ops // 2,
                      op_log=tracker.log, trace_steps=2,
                      encode_peak=encode_tracker.peak,
-                     encode_flops_per_image=encode_tracker.flops + encode_attention[0],
+                     encode_flops_per_image=encode_tracker.flops,
                      weight_bytes=frozen)
 
 
