@@ -23,6 +23,26 @@ def launch_chromium(playwright):
     return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
 
 
+def open_page(browser, url: str, timeout: float = 60_000):
+    """A new 1280x900 page on ``url``, once its load event (which picks the run) has answered; every wait on it
+    allows ``timeout`` ms (the waits are for events, and a loaded 2-core machine is slow)."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(timeout)
+    page.goto(url)
+    wait_loaded(page)
+    return page
+
+
+@pytest.fixture(autouse=True)
+def screenshot_on_failure(request):
+    """A full-page screenshot of the test's ``page`` when the test failed (import it into the test module)."""
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed and "page" in request.fixturenames:
+        request.getfixturevalue("page").screenshot(path=str(SHOTS / f"FAILED-{request.node.name}.png"),
+                                                   full_page=True)
+
+
 def serve(service):
     """The UI of ``service`` on a free loopback port in this process: (its URL, the Blocks to ``close()``)."""
     from app.ui import build_app, launch_options

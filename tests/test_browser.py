@@ -15,8 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.browser_helpers import (CHROMIUM, ROOT, SHOTS, choose, fill, image_pixels, launch_chromium, progress_state,
-                                   serve, set_run, shot, tab, wait_loaded, wait_state)
+from tests.browser_helpers import (  # noqa: F401 - screenshot_on_failure is an autouse fixture
+    CHROMIUM, ROOT, SHOTS, choose, fill, image_pixels, launch_chromium, progress_state, screenshot_on_failure, serve,
+    set_run, shot, tab, wait_loaded, wait_state)
 
 EXAMPLE = ROOT / "examples" / "zkw"
 
@@ -100,15 +101,6 @@ def page(app, browser):
     wait_loaded(pg)
     yield pg
     context.close()
-
-
-@pytest.fixture(autouse=True)
-def screenshot_on_failure(request):
-    failed = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed and "page" in request.fixturenames:
-        request.getfixturevalue("page").screenshot(path=str(SHOTS / f"FAILED-{request.node.name}.png"),
-                                                   full_page=True)
 
 
 # --- helpers ---------------------------------------------------------------------------------

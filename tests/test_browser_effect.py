@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser_helpers import (CHROMIUM, SHOTS, choose, launch_chromium, serve, shot, tab, train_in_thread,
-                                   wait_loaded)
+from tests.browser_helpers import (CHROMIUM, SHOTS, choose, launch_chromium, open_page, serve, shot, tab,
+                                   train_in_thread)
 
 pytestmark = [
     pytest.mark.browser,
@@ -44,10 +44,7 @@ def test_train_tab_shows_the_verdict_and_grid_and_preview_checks_on_demand(app):
     SHOTS.mkdir(exist_ok=True)
     with playwright_api.sync_playwright() as p:
         browser = launch_chromium(p)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(60_000)
-        page.goto(url)
-        wait_loaded(page)
+        page = open_page(browser, url)
         tab(page, "2. Train")
         card = page.locator("#train-effect .effect-card")
         card.wait_for()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.service_helpers import make_dataset
-from tests.browser_helpers import (CHROMIUM, SHOTS, choose, fill, launch_chromium, serve, shot, tab, train_in_thread,
-                                   wait_loaded)
+from tests.browser_helpers import (CHROMIUM, SHOTS, choose, fill, launch_chromium, open_page, serve, shot, tab,
+                                   train_in_thread)
 
 pytestmark = [
     pytest.mark.browser,
@@ -42,10 +42,7 @@ def test_compact_blend_then_inspect_convert_and_bake(app):
     SHOTS.mkdir(exist_ok=True)
     with playwright_api.sync_playwright() as p:
         browser = launch_chromium(p)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(60_000)
-        page.goto(url)
-        wait_loaded(page)
+        page = open_page(browser, url)
 
         tab(page, "4. Blend")
         choose(page, "blend-adapter-0", "real/lora.safetensors")

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from tests.browser_helpers import CHROMIUM, SHOTS, launch_chromium, serve, shot, wait_loaded
+from tests.browser_helpers import CHROMIUM, SHOTS, launch_chromium, open_page, serve, shot, wait_loaded
 
 pytestmark = [
     pytest.mark.browser,
@@ -33,10 +33,7 @@ def test_upload_limits_show_a_toast_and_keep_the_dataset(tmp_path):
     try:
         with playwright_api.sync_playwright() as p:
             browser = launch_chromium(p)
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(60_000)
-            page.goto(url)
-            wait_loaded(page)
+            page = open_page(browser, url)
             assert page.input_value("#run-name input") == "limits"
 
             page.set_input_files("#dataset-upload input[type=file]", [str(src / "big.png")])

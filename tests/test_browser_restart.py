@@ -19,8 +19,8 @@ import pytest
 from app.train_view import CHART_POINTS
 from tests.service_helpers import make_dataset
 from trainer.config import TrainConfig
-from tests.browser_helpers import CHROMIUM, SHOTS, _free_port, choose, fill, launch_chromium, progress_state, set_run, \
-    shot, tab, wait_loaded, wait_state
+from tests.browser_helpers import CHROMIUM, SHOTS, _free_port, choose, fill, launch_chromium, open_page, \
+    progress_state, set_run, shot, tab, wait_loaded, wait_state
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 500          # ~25 s of the built-in model at batch 1: the run outlives the restart
@@ -97,10 +97,7 @@ def test_a_killed_ui_restarts_and_reattaches_to_its_run(setup):
     procs.append(ui)
     with playwright_api.sync_playwright() as p:
         browser = launch_chromium(p)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(180_000)   # a loaded 2-core CI machine is slow; the waits are events, not timings
-        page.goto(url)
-        wait_loaded(page)
+        page = open_page(browser, url, timeout=180_000)   # a loaded 2-core CI machine is slow
         set_run(page, "survive")
         fill(page, "dataset-folder", str(data))
         page.click("#import-btn")

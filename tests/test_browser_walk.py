@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from tests.browser_helpers import CHROMIUM, SHOTS, choose, fill, launch_chromium, serve, set_run, shot, tab, wait_loaded
+from tests.browser_helpers import (  # noqa: F401 - screenshot_on_failure is an autouse fixture
+    CHROMIUM, SHOTS, choose, fill, launch_chromium, screenshot_on_failure, serve, set_run, shot, tab, wait_loaded)
 from tests.service_helpers import make_dataset
 
 pytestmark = [
@@ -76,15 +77,6 @@ def page(app):
         wait_loaded(pg)
         yield pg
         browser.close()
-
-
-@pytest.fixture(autouse=True)
-def screenshot_on_failure(request):
-    failed = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed and "page" in request.fixturenames:
-        request.getfixturevalue("page").screenshot(path=str(SHOTS / f"FAILED-{request.node.name}.png"),
-                                                   full_page=True)
 
 
 def _report(page) -> str:
